@@ -1,0 +1,36 @@
+"""The only place that builds Megatron-Core's TransformerConfig: from our arch + config sections."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def transformer_config(arch, parallel=None, precision=None, recompute: str = "none",
+                       init_weights: bool = True) -> TransformerConfig:
+    """`parallel`/`precision` are our config sections (None = single rank, fp32)."""
+    tp, pp, cp = (parallel.tp, parallel.pp, parallel.cp) if parallel else (1, 1, 1)
+    dtype = DTYPES[precision.params_dtype] if precision else torch.float32
+    fp8 = precision.fp8 if precision and precision.fp8 != "none" else None
+    return TransformerConfig(
+        num_layers=arch.num_layers, hidden_size=arch.hidden, num_attention_heads=arch.num_heads,
+        kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_dim, layernorm_epsilon=arch.eps,
+        add_bias_linear=True, gated_linear_unit=False, activation_func=gelu_tanh,
+        bias_activation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+        virtual_pipeline_model_parallel_size=getattr(parallel, "virtual_pp", None),
+        sequence_parallel=bool(parallel and parallel.sequence_parallel),
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        fp8="hybrid" if fp8 else None, fp8_recipe={"delayed": "delayed", "current": "tensorwise"}.get(fp8, "delayed"),
+        use_cpu_initialization=True, perform_initialization=init_weights,
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        recompute_modules=["core_attn"] if recompute == "selective" else None,
+    )

@@ -1,0 +1,171 @@
+"""The typed, frozen configuration tree.
+
+Every knob of a run lives here with its default. Recipes (YAML) only name what
+differs from these defaults; `loader.py` turns them into this tree strictly and
+`validate.py` holds every check that spans more than one field.
+
+Pure python on purpose: importing the config must not pull in torch/megatron.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad recipe, override or field combination. `errors` holds one line per problem."""
+
+    def __init__(self, errors: str | list[str]):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class _Section:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts/lists, so the result can go straight to yaml.safe_dump
+        and back through the loader unchanged."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Section):
+        return value.to_dict()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    name: str
+    seed: int = 1234
+    output_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    size: Literal["debug", "1.3B", "14B", "14B-i2v"]
+    backend: Literal["local", "te"] = "local"
+    # Optional overrides of the named size's architecture; None = take the named size's value.
+    num_layers: int | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    ffn_dim: int | None = None
+    in_channels: int | None = None
+    out_channels: int | None = None
+    text_dim: int | None = None
+    image_dim: int | None = None
+    freq_dim: int | None = None
+    task: Literal["t2v", "i2v"] | None = None
+    recompute: Literal["none", "selective", "full"] = "none"
+
+
+@dataclass(frozen=True)
+class ParallelConfig(_Section):
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    virtual_pp: int | None = None
+    distributed_optimizer: bool = False
+    fsdp: bool = False
+    grad_reduce_in_fp32: bool = False
+    cp_comm: Literal["all_gather", "a2a", "p2p"] = "all_gather"
+
+
+@dataclass(frozen=True)
+class PrecisionConfig(_Section):
+    params_dtype: Literal["fp32", "bf16"] = "bf16"
+    fp8: Literal["none", "delayed", "current"] = "none"
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    store: str | None = None
+    frames: int = 81  # video frames per clip; the Wan VAE needs 4k+1
+    height: int = 480  # pixels
+    width: int = 832  # pixels
+    fps: int = 16
+    text_len: int = 512
+    micro_batch_pairs: int = 1  # one pair = (preferred, rejected) clip for the same prompt
+    global_batch_pairs: int = 8
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ReferenceConfig(_Section):
+    """Where the frozen reference policy of DPO comes from."""
+
+    mode: Literal["lora_base", "resident", "cpu_swap", "cached"] = "resident"
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(_Section):
+    beta: float = 500.0
+    beta_convention: Literal["diffusion_dpo", "raw"] = "diffusion_dpo"
+    dpo_weight: float = 1.0
+    sft_mode: Literal["dgr", "constant", "dgr_scaled"] = "dgr"
+    sft_weight: float = 1.0
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    shift: float = 5.0
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+
+@dataclass(frozen=True)
+class LoraConfig(_Section):
+    rank: int = 0  # 0 = full fine-tuning
+    alpha: float = 32.0
+    targets: tuple[str, ...] = (
+        "linear_qkv", "linear_proj", "linear_q", "linear_kv", "linear_fc1", "linear_fc2",
+    )
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig(_Section):
+    train_steps: int = 100
+    warmup_steps: int = 0
+    lr_decay: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    dir: str | None = None
+    interval: int = 0  # 0 = only at the end
+    keep: int = 2
+    load: str | None = None
+    async_save: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingConfig(_Section):
+    interval: int = 1
+    jsonl: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    run: RunConfig
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

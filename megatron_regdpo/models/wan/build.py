@@ -1,0 +1,30 @@
+"""build_wan: the one function that turns an architecture + config sections into this rank's model.
+
+Order (torchtitan's): choose the layer spec (te|local, FP8 capability comes with te), build the stage's
+modules with TP-sharded linears, then (later issues) LoRA, recompute and data-parallel wrapping.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_regdpo.config.mcore import transformer_config
+
+from .arch import WanArch
+from .model import WanModel
+from .spec import wan_layer_spec
+
+
+def build_wan(arch: WanArch, pg_collection, parallel=None, precision=None, backend: str = "local",
+              recompute: str = "none", init_weights: bool = True, vp_stage=None) -> WanModel:
+    config = transformer_config(arch, parallel, precision, recompute, init_weights)
+    pp_rank = torch.distributed.get_rank(pg_collection.pp)
+    pp_size = torch.distributed.get_world_size(pg_collection.pp)
+    spec = wan_layer_spec(backend, with_image=arch.image_dim is not None, image_tokens=arch.image_tokens,
+                          cross_attn_norm=arch.cross_attn_norm)
+    model = WanModel(config, arch, spec, pg_collection, pre_process=pp_rank == 0,
+                     post_process=pp_rank == pp_size - 1, vp_stage=vp_stage)
+    return model.to(config.params_dtype)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

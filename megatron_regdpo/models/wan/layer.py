@@ -1,0 +1,69 @@
+"""One Wan2.1 DiT block as a Megatron-Core transformer layer (built and stacked by TransformerBlock).
+
+Legend: S video tokens (this rank's slice), T context tokens, B batch, D hidden.
+
+adaLN: the time embedding's 6-way projection (shift, scale, gate for self-attention; the same for the
+FFN) plus this block's learned `scale_shift_table`. Modulation runs in fp32 and casts back, as Wan does.
+
+TransformerBlock calls every layer with a fixed keyword set, and under full recompute forwards only
+(hidden_states, attention_mask, context, context_mask, rotary_pos_emb, ...). A DiT has no attention
+mask, so the per-sample modulation travels in the `attention_mask` slot; the RoPE table travels in
+`rotary_pos_emb` as stack(cos, sin). Both slots survive recompute and pipeline stages unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank
+
+
+@dataclass
+class WanLayerSubmodules:
+    self_attention: ModuleSpec
+    cross_attention: ModuleSpec
+    mlp: ModuleSpec
+    norm: type  # FP32LayerNorm-like: (config, hidden, eps, affine)
+
+
+class WanLayer(MegatronModule, BaseTransformerLayer):
+    def __init__(self, config, submodules: WanLayerSubmodules, layer_number: int = 1,
+                 pg_collection=None, vp_stage=None, cross_attn_norm: bool = True, **unused):
+        super().__init__(config=config)
+        self.tp_group = pg_collection.tp
+        # global 1-based index: TransformerBlock derives checkpoint keys from it under PP
+        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, get_pg_rank(pg_collection.pp))
+        d, eps = config.hidden_size, config.layernorm_epsilon
+        self.norm1 = submodules.norm(config, d, eps, affine=False)
+        self.self_attention = build_module(submodules.self_attention, config=config,
+                                           layer_number=self.layer_number, pg_collection=pg_collection)
+        self.norm2 = submodules.norm(config, d, eps, affine=True) if cross_attn_norm else None
+        self.cross_attention = build_module(submodules.cross_attention, config=config,
+                                            layer_number=self.layer_number, pg_collection=pg_collection)
+        self.norm3 = submodules.norm(config, d, eps, affine=False)
+        self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size,
+                                tp_group=self.tp_group)
+        self.scale_shift_table = torch.nn.Parameter(torch.randn(1, 6, d, dtype=config.params_dtype) / d**0.5)
+        # every rank sees only its tokens under sequence parallelism: reduce its grad over TP
+        setattr(self.scale_shift_table, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None, **unused):
+        x_SBD, modulation_B6D = hidden_states, attention_mask
+        mod_6BD = (self.scale_shift_table.float() + modulation_B6D.float()).transpose(0, 1)
+        shift, scale, gate, c_shift, c_scale, c_gate = mod_6BD.unbind(0)
+
+        h = (self.norm1(x_SBD) * (1 + scale) + shift).type_as(x_SBD)
+        x_SBD = (x_SBD.float() + self.self_attention(h, rotary_pos_emb).float() * gate).type_as(x_SBD)
+
+        h = (self.norm2(x_SBD) if self.norm2 is not None else x_SBD).type_as(x_SBD)
+        x_SBD = x_SBD + self.cross_attention(h, context)
+
+        h = (self.norm3(x_SBD) * (1 + c_scale) + c_shift).type_as(x_SBD)
+        ff, ff_bias = self.mlp(h)
+        if ff_bias is not None:
+            ff = ff + ff_bias
+        x_SBD = (x_SBD.float() + ff.float() * c_gate).type_as(x_SBD)
+        return x_SBD, context

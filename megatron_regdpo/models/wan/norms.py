@@ -1,0 +1,99 @@
+"""Norms of the Wan block, written for Megatron's tensor/sequence parallel layout.
+
+Legend: S tokens (this rank's slice under SP/CP), B batch, D hidden, H heads on this rank, K head dim.
+
+Wan normalises q and k with an RMSNorm over all heads at once (width H_total*K), not per head. Under
+tensor parallelism each rank holds H_total/tp heads, so the mean square must be summed over the TP
+group before it is used; the norm's weight is split across ranks like the heads it scales.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group in forward; every rank's output feeds the loss, so backward sums too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-reduce(sum); the identity for a group of one."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
+class FP32LayerNorm(MegatronModule):
+    """LayerNorm computed in fp32 that RETURNS fp32 (callers modulate in fp32, then cast, as Wan does).
+
+    Affine parameters (Wan's cross-attention norm2) see only this rank's tokens under sequence
+    parallelism, so they are tagged `sequence_parallel` for Megatron's grad all-reduce over TP.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, affine: bool = False):
+        super().__init__(config=config)
+        self.hidden_size, self.eps = hidden_size, eps
+        if affine:
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+            for p in (self.weight, self.bias):
+                setattr(p, "sequence_parallel", config.sequence_parallel)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), (self.hidden_size,), w, b, self.eps)
+
+
+class AcrossHeadsRMSNorm(MegatronModule):
+    """RMSNorm over the full width H_total*K of q or k, with this rank's heads as input.
+
+    `hidden_size` is the FULL width; the weight holds this rank's slice (split on dim 0 like the heads).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, tp_group=None):
+        super().__init__(config=config)
+        self.tp_group = tp_group
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        if hidden_size % tp:
+            raise ValueError(f"q/k norm width {hidden_size} not divisible by tensor parallel size {tp}")
+        self.full_width, self.eps = hidden_size, eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size // tp, dtype=config.params_dtype))
+        setattr(self.weight, "tensor_model_parallel", tp > 1)
+        setattr(self.weight, "partition_dim", 0)
+        setattr(self.weight, "partition_stride", 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        sq_sum = all_reduce_sum(x32.pow(2).sum(-1, keepdim=True), self.tp_group)
+        y = x32 * torch.rsqrt(sq_sum / self.full_width + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"weight": 0}, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"],
+        )

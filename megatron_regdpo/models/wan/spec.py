@@ -1,0 +1,49 @@
+"""The one place that chooses layer implementations: `te` (Transformer Engine, FP8-capable) or `local`.
+
+`local` runs anywhere (CPU included): Megatron-Core's own TP linears, torch SDPA, our norms.
+`te` swaps the linears and core attention for Transformer Engine's; the Wan-specific norms (fp32
+LayerNorm, across-heads RMSNorm) stay ours in both, since TE has no across-heads RMSNorm.
+"""
+from __future__ import annotations
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .attention import (SDPAttention, WanCrossAttention, WanCrossAttentionSubmodules, WanSelfAttention,
+                        WanSelfAttentionSubmodules)
+from .layer import WanLayer, WanLayerSubmodules
+from .norms import AcrossHeadsRMSNorm, FP32LayerNorm
+
+
+def _backend_modules(backend: str):
+    if backend == "local":
+        return ColumnParallelLinear, RowParallelLinear, SDPAttention
+    if backend == "te":
+        try:
+            from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
+                                                                     TERowParallelLinear)
+            import transformer_engine  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"model.backend='te' needs Transformer Engine (pip install '.[gpu]'): {e}") from e
+        return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    raise ValueError(f"unknown model.backend {backend!r}; expected 'local' or 'te'")
+
+
+def wan_layer_spec(backend: str, with_image: bool, image_tokens: int, cross_attn_norm: bool) -> ModuleSpec:
+    column, row, core = _backend_modules(backend)
+    return ModuleSpec(
+        module=WanLayer,
+        params={"cross_attn_norm": cross_attn_norm},
+        submodules=WanLayerSubmodules(
+            self_attention=ModuleSpec(module=WanSelfAttention, submodules=WanSelfAttentionSubmodules(
+                linear_qkv=column, core_attention=core, linear_proj=row, qk_norm=AcrossHeadsRMSNorm)),
+            cross_attention=ModuleSpec(
+                module=WanCrossAttention, params={"image_tokens": image_tokens},
+                submodules=WanCrossAttentionSubmodules(
+                    linear_q=column, linear_kv=column, core_attention=core, linear_proj=row,
+                    qk_norm=AcrossHeadsRMSNorm, with_image=with_image)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            norm=FP32LayerNorm,
+        ),
+    )
