@@ -12,12 +12,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def transformer_config(arch, parallel=None, precision=None, recompute: str = "none",
-                       init_weights: bool = True) -> TransformerConfig:
-    """`parallel`/`precision` are our config sections (None = single rank, fp32)."""
+def transformer_config(arch, parallel=None, params_dtype: torch.dtype = torch.float32, fp8: str = "none",
+                       recompute: str = "none", init_weights: bool = True) -> TransformerConfig:
+    """`parallel` is our config section (None = single rank); fp8 is precision.fp8."""
     tp, pp, cp = (parallel.tp, parallel.pp, parallel.cp) if parallel else (1, 1, 1)
-    dtype = DTYPES[precision.params_dtype] if precision else torch.float32
-    fp8 = precision.fp8 if precision and precision.fp8 != "none" else None
+    dtype = params_dtype
+    fp8 = None if fp8 == "none" else fp8
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden, num_attention_heads=arch.num_heads,
         kv_channels=arch.head_dim, ffn_hidden_size=arch.ffn_dim, layernorm_epsilon=arch.eps,

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
+
+from . import cpu_compat
 
 
 def _free_port() -> int:
@@ -22,6 +25,7 @@ def _free_port() -> int:
 def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, rank: int | None = None,
                      world_size: int | None = None, backend: str | None = None) -> ProcessGroupCollection:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's groups; return them."""
+    cpu_compat.apply()
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -33,11 +37,28 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, rank: int | None = N
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     if parallel_state.model_parallel_is_initialized():
+        sizes = (parallel_state.get_tensor_model_parallel_world_size(),
+                 parallel_state.get_pipeline_model_parallel_world_size(),
+                 parallel_state.get_context_parallel_world_size())
+        if sizes == (tp, pp, cp):
+            return ProcessGroupCollection.use_mpu_process_groups()
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
         create_gloo_process_groups=False)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+@contextmanager
+def distributed_session(tp: int = 1, pp: int = 1, cp: int = 1):
+    """init_distributed for a tool or command; tears down only what it set up itself."""
+    owner = not dist.is_initialized()
+    pg = init_distributed(tp, pp, cp)
+    try:
+        yield pg
+    finally:
+        if owner:
+            destroy_distributed()
 
 
 def destroy_distributed() -> None:

@@ -14,9 +14,11 @@ from .model import WanModel
 from .spec import wan_layer_spec
 
 
-def build_wan(arch: WanArch, pg_collection, parallel=None, precision=None, backend: str = "local",
-              recompute: str = "none", init_weights: bool = True, vp_stage=None) -> WanModel:
-    config = transformer_config(arch, parallel, precision, recompute, init_weights)
+def build_wan(arch: WanArch, pg_collection, parallel=None, params_dtype: torch.dtype = torch.float32,
+              fp8: str = "none", backend: str = "local", recompute: str = "none", init_weights: bool = True,
+              vp_stage=None) -> WanModel:
+    """This rank's stage of the model. `init_weights=False` leaves weights uninitialised (to be loaded)."""
+    config = transformer_config(arch, parallel, params_dtype, fp8, recompute, init_weights)
     pp_rank = torch.distributed.get_rank(pg_collection.pp)
     pp_size = torch.distributed.get_world_size(pg_collection.pp)
     spec = wan_layer_spec(backend, with_image=arch.image_dim is not None, image_tokens=arch.image_tokens,

@@ -1,0 +1,90 @@
+"""Entry point: `python -m megatron_regdpo.train --config RECIPE [--dry-run --world-size N] [key.sub=value ...]`.
+
+--dry-run validates the recipe against N ranks without any GPU and prints the resolved config, the
+parallel layout, the parameter count (the full model built on the meta device) and the per-stage split.
+Without --dry-run it runs the smoke step (megatron_regdpo.smoke) until the Reg-DPO trainer lands.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from megatron_regdpo.config import ConfigError, dump_yaml, load_config, validate
+from megatron_regdpo.models.wan.arch import resolve_arch
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m megatron_regdpo.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML recipe (see recipes/)")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the layout; run nothing")
+    ap.add_argument("--world-size", type=int, default=None,
+                    help="ranks to validate against (default: $WORLD_SIZE or 1)")
+    ap.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    return ap.parse_args(argv)
+
+
+def stage_parameter_counts(model, layers_per_stage: tuple[int, ...]) -> list[int]:
+    """Parameters held by each pipeline stage of the full model (conditioning is on every stage)."""
+    counts = [0] * len(layers_per_stage)
+    bounds = [sum(layers_per_stage[:i + 1]) for i in range(len(layers_per_stage))]
+    for name, p in model.named_parameters():
+        m = re.match(r"decoder\.layers\.(\d+)\.", name)
+        if m:
+            counts[next(s for s, b in enumerate(bounds) if int(m.group(1)) < b)] += p.numel()
+        elif name.startswith("patch_embedding"):
+            counts[0] += p.numel()
+        elif name.startswith(("proj_out", "scale_shift_table")):
+            counts[-1] += p.numel()
+        else:
+            counts = [c + p.numel() for c in counts]
+    return counts
+
+
+def dry_run(cfg, world_size: int) -> int:
+    import torch
+
+    from megatron_regdpo.models.wan.build import build_wan, count_parameters
+    from megatron_regdpo.parallel.groups import distributed_session
+
+    arch = resolve_arch(cfg.model)
+    layout = validate(cfg, world_size, arch)
+    with distributed_session() as pg, torch.device("meta"):  # one process: count the full model, not a shard
+        model = build_wan(arch, pg, init_weights=False)
+    total = count_parameters(model)
+    per_stage = stage_parameter_counts(model, layout.layers_per_stage)
+    print("# resolved config")
+    print(dump_yaml(cfg).rstrip())
+    print("# architecture")
+    print(f"Wan2.1 {cfg.model.size} {arch.task}: {arch.num_layers} layers, hidden {arch.hidden} "
+          f"({arch.num_heads} heads x {arch.head_dim}), ffn {arch.ffn_dim}, in_channels {arch.in_channels}")
+    print("# layout")
+    print(layout.describe())
+    print("# parameters")
+    print(f"total: {total:,}")
+    for s, n in enumerate(per_stage):
+        print(f"stage {s}: {n:,} (before TP sharding; conditioning replicated on every stage)")
+    print("valid: yes")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run(cfg, world_size)
+        from megatron_regdpo.smoke import run_smoke
+
+        validate(cfg, world_size, resolve_arch(cfg.model))
+        return run_smoke(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Convert Wan2.1 transformers between diffusers folders and Megatron-Core distributed checkpoints.
+
+  python tools/convert_checkpoint.py import --hf DIR --out DIR [--verify]
+  python tools/convert_checkpoint.py export --ckpt DIR --out DIR [--verify] [--max-shard-gb N]
+
+--verify runs both models on the same random input (fp32) and exits 1 when the relative error of the
+output exceeds --tol (default 1e-5).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="diffusers folder -> Megatron distributed checkpoint")
+    imp.add_argument("--hf", required=True)
+    exp = sub.add_parser("export", help="Megatron distributed checkpoint -> diffusers folder")
+    exp.add_argument("--ckpt", required=True)
+    exp.add_argument("--max-shard-gb", type=float, default=5.0)
+    for p in (imp, exp):
+        p.add_argument("--out", required=True)
+        p.add_argument("--verify", action="store_true")
+        p.add_argument("--tol", type=float, default=1e-5)
+    args = ap.parse_args(argv)
+
+    from megatron_regdpo.models.wan import convert
+    from megatron_regdpo.parallel.groups import distributed_session
+
+    with distributed_session() as pg:
+        return _run(args, convert, pg)
+
+
+def _run(args, convert, pg) -> int:
+    try:
+        if args.cmd == "import":
+            arch = convert.import_diffusers(args.hf, args.out, pg)
+            print(f"imported {args.hf} -> {args.out} ({arch.task}, {arch.num_layers} layers, hidden {arch.hidden})")
+            hf_dir, ckpt_dir = args.hf, args.out
+        else:
+            paths = convert.export_diffusers(args.ckpt, args.out, pg, int(args.max_shard_gb * 2**30))
+            print(f"exported {args.ckpt} -> {args.out} ({len(paths)} safetensors file(s))")
+            hf_dir, ckpt_dir = args.out, args.ckpt
+        if args.verify:
+            diff = convert.verify(hf_dir, ckpt_dir, pg)
+            ok = diff["max_rel"] <= args.tol
+            print(f"verify: max abs diff {diff['max_abs']:.3e}, max rel diff {diff['max_rel']:.3e} "
+                  f"(tol {args.tol:g}) -> {'OK' if ok else 'FAIL'}")
+            return 0 if ok else 1
+        return 0
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
