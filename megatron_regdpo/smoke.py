@@ -6,6 +6,7 @@ reload it into a freshly built model and check the outputs are bitwise equal.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -41,9 +42,10 @@ def run_smoke(cfg) -> int:
     arch = resolve_arch(cfg.model)
     dtype = DTYPES[cfg.precision.params_dtype]
     out_dir = Path(cfg.run.output_dir) / cfg.run.name
-    ckpt_dir = out_dir / f"smoke_ckpt_{time.strftime('%Y%m%d-%H%M%S')}"
+    ckpt_dir = out_dir / "smoke_ckpt"  # a demo artifact: each run replaces the previous one
     torch.manual_seed(cfg.run.seed)
-    with distributed_session() as pg:
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    with distributed_session(world_size=1) as pg:
         model = build_wan(arch, pg, params_dtype=dtype, backend=cfg.model.backend)
         print(f"built Wan2.1 {cfg.model.size} ({arch.task}): {count_parameters(model):,} parameters")
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,

@@ -51,7 +51,7 @@ def dry_run(cfg, world_size: int) -> int:
 
     arch = resolve_arch(cfg.model)
     layout = validate(cfg, world_size, arch)
-    with distributed_session() as pg, torch.device("meta"):  # one process: count the full model, not a shard
+    with distributed_session(world_size=1) as pg, torch.device("meta"):  # one process: count the full model, not a shard
         model = build_wan(arch, pg, init_weights=False)
     total = count_parameters(model)
     per_stage = stage_parameter_counts(model, layout.layers_per_stage)

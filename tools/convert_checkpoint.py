@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from megatron_regdpo.models.wan import convert
     from megatron_regdpo.parallel.groups import distributed_session
 
-    with distributed_session() as pg:
+    with distributed_session(world_size=1) as pg:
         return _run(args, convert, pg)
 
 

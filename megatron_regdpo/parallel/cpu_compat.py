@@ -1,33 +1,74 @@
-"""CPU compatibility for the few places where megatron-core assumes CUDA.
+"""CPU compatibility for the places where megatron-core assumes CUDA.
 
-Applied by `init_distributed` only when CUDA is absent (never on a GPU machine: `apply()` returns
-without touching anything there). Each patch names the megatron-core code it answers and is as
-narrow as possible: it replaces one function, for one reason.
+Applied by `init_distributed` only when CUDA is absent (on a GPU machine `apply()` returns without
+touching anything). Two mechanisms, both narrow:
+
+1. Module lenses: in a listed megatron-core module, the global name `torch` is replaced by a view of
+   torch in which `torch.cuda.current_device()` is the CPU, the CUDA RNG calls use the CPU generator,
+   `torch.cuda.synchronize()` is a no-op and factory functions given device="cuda" allocate on the CPU.
+   Every other attribute is the real torch. Each entry names the code it answers.
+2. Function replacements, each documented at its definition.
 """
 from __future__ import annotations
+
+import importlib
+import inspect
+import textwrap
 
 import torch
 
 _APPLIED: list[str] = []
 
+# module -> the CUDA assumptions in it that CPU runs hit (megatron-core 0.16; same code in 0.19)
+LENSED_MODULES = {
+    "megatron.core.tensor_parallel.mappings":
+        "_gather_along_first_dim/_reduce_scatter_along_first_dim allocate on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.layers":
+        "sequence-parallel all-gather buffers in linear_with_grad_accumulation_and_async_allreduce",
+    "megatron.core.tensor_parallel.random":
+        "CudaRNGStatesTracker.add/fork and CheckpointFunction use torch.cuda.{get,set}_rng_state/manual_seed",
+    "megatron.core.utils":
+        "GlobalMemoryBuffer.get_tensor allocates on torch.cuda.current_device()",
+    "megatron.core.pipeline_parallel.schedules":
+        "total_num_tokens = torch.zeros([], dtype=torch.int, device='cuda') in every schedule",
+    "megatron.core.pipeline_parallel.p2p_communication":
+        "tensor-shape exchange and receive buffers on torch.cuda.current_device()",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver":
+        "save_state_dict_async_finalize broadcasts a failure flag on torch.cuda.current_device()",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async":
+        "FileSystemWriterAsync.preload_tensors calls torch.cuda.synchronize()",
+    "megatron.core.distributed.param_and_grad_buffer":
+        "grad/param buffers allocated on torch.cuda.current_device()",
+    "megatron.core.distributed.distributed_data_parallel":
+        "torch.cuda.synchronize/empty_cache around buffer (re)allocation",
+    "megatron.core.optimizer.optimizer":
+        "found_inf/_scale tensors created with device='cuda'",
+    "megatron.core.optimizer.distrib_optimizer":
+        "shard buffers allocated on torch.cuda.current_device()",
+    "megatron.core.optimizer.clip_grads":
+        "grad-norm reduction tensors created with device='cuda'",
+}
 
-def _patch_dist_ckpt_preload() -> None:
-    # megatron/core/dist_checkpointing/strategies/filesystem_async.py, FileSystemWriterAsync.preload_tensors:
-    # copies tensors to host with non_blocking=True, then calls torch.cuda.synchronize(), which raises
-    # on a CPU-only torch. On CPU the copy is synchronous anyway, so ask for a blocking copy.
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+# modules whose functions compare tensor type names against the CUDA ones ('torch.cuda.FloatTensor')
+TYPE_NAME_MODULES = {
+    "megatron.core.optimizer.optimizer": "Float16OptimizerWithFloat16Params.__init__ sorts params by type name",
+    "megatron.core.optimizer.distrib_optimizer": "DistributedOptimizer builds its param groups by type name",
+    "megatron.core.optimizer.clip_grads": "clip_grad_by_total_norm_fp32 asserts 'torch.cuda.FloatTensor' grads",
+}
 
-    original = FileSystemWriterAsync.preload_tensors
 
-    def preload_tensors(write_buckets, non_blocking=True):
-        return original(write_buckets, non_blocking=False)
-
-    FileSystemWriterAsync.preload_tensors = staticmethod(preload_tensors)
-    _APPLIED.append("dist_checkpointing.preload_tensors: blocking host copy instead of cuda.synchronize")
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return "cpu"
+    return device
 
 
 class _CpuCuda:
-    """torch.cuda as seen by one patched module: current_device() is the CPU, synchronize() a no-op."""
+    """torch.cuda as seen through the lens."""
 
     def current_device(self):
         return "cpu"
@@ -35,33 +76,100 @@ class _CpuCuda:
     def synchronize(self, device=None):
         return None
 
+    def get_rng_state(self, device=None):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, device=None):
+        torch.set_rng_state(state)
+
+    def manual_seed(self, seed):
+        torch.manual_seed(seed)
+
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
 
 
-class _TorchWithCpuCuda:
+class _TorchLens:
     cuda = _CpuCuda()
+    _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "randn", "rand")
 
     def __getattr__(self, name):
-        return getattr(torch, name)
+        value = getattr(torch, name)
+        if name in self._FACTORIES:
+            def factory(*args, device=None, pin_memory=False, **kwargs):
+                return value(*args, device=_cpu_device(device), **kwargs)
+            return factory
+        return value
 
 
-def _patch_dist_ckpt_finalize() -> None:
-    # megatron/core/dist_checkpointing/strategies/state_dict_saver.py, save_state_dict_async_finalize:
-    # broadcasts the failure flag in a tensor on device=torch.cuda.current_device(). The module sees
-    # a torch whose cuda.current_device() is "cpu"; everything else is the real torch.
-    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+def _lens_modules() -> None:
+    lens = _TorchLens()
+    for name, why in LENSED_MODULES.items():
+        module = importlib.import_module(name)
+        module.torch = lens
+        _APPLIED.append(f"{name}: {why}")
 
-    state_dict_saver.torch = _TorchWithCpuCuda()
-    _APPLIED.append("dist_checkpointing.state_dict_saver: failure-flag broadcast on CPU")
+
+_CUDA_TYPE_NAMES = {f"'torch.cuda.{t}Tensor'": f"'torch.{t}Tensor'" for t in ("Float", "Half", "BFloat16")}
+
+
+def _recompiled(fn, module, owner):
+    """`fn` recompiled from its source with the CUDA tensor type names replaced by the CPU ones.
+
+    A method's zero-argument super() needs the class cell of its original definition, which a
+    recompiled function lacks, so it is spelled out as super(<owner>, self)."""
+    src = textwrap.dedent(inspect.getsource(fn))
+    if inspect.isclass(owner):
+        src = src.replace("super()", f"super({owner.__name__}, self)")
+    for cuda_name, cpu_name in _CUDA_TYPE_NAMES.items():
+        src = src.replace(cuda_name, cpu_name)
+    src = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith("@"))
+    namespace: dict = {}
+    exec(compile(src, inspect.getsourcefile(fn), "exec"), module.__dict__, namespace)
+    new = namespace[fn.__name__]
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
+def _patch_tensor_type_names() -> None:
+    # The functions named in TYPE_NAME_MODULES decide how to treat a parameter by comparing
+    # `tensor.type()` with 'torch.cuda.FloatTensor' and friends; CPU tensors are 'torch.FloatTensor'.
+    # Each such function (module level or method) is recompiled with the CPU names; nothing else changes.
+    for name, why in TYPE_NAME_MODULES.items():
+        module = importlib.import_module(name)
+        owners = [module] + [c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == name]
+        count = 0
+        for owner in owners:
+            for attr, raw in list(vars(owner).items()):
+                fn = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+                if not inspect.isfunction(fn) or fn.__module__ != name:
+                    continue
+                if not any(t in inspect.getsource(fn) for t in _CUDA_TYPE_NAMES):
+                    continue
+                new = _recompiled(fn, module, owner)
+                setattr(owner, attr, type(raw)(new) if isinstance(raw, (staticmethod, classmethod)) else new)
+                count += 1
+        _APPLIED.append(f"{name}: {why} ({count} function(s) use CPU type names)")
+
+
+def _patch_rng_state_helpers() -> None:
+    # megatron/core/tensor_parallel/random.py: _get_cuda_rng_state/_set_cuda_rng_state index
+    # torch.cuda.default_generators and call _C._cuda_setRNGState; on CPU the tracker's states are
+    # the CPU generator's.
+    from megatron.core.tensor_parallel import random
+
+    random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    _APPLIED.append("megatron.core.tensor_parallel.random: _get/_set_cuda_rng_state use the CPU generator")
 
 
 def apply() -> list[str]:
     """Install the patches once, on CPU-only machines. Returns the list of active patches."""
     if torch.cuda.is_available() or _APPLIED:
         return list(_APPLIED)
-    _patch_dist_ckpt_preload()
-    _patch_dist_ckpt_finalize()
+    _lens_modules()
+    _patch_tensor_type_names()
+    _patch_rng_state_helpers()
     return list(_APPLIED)
 
 

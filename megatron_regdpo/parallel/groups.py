@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from . import cpu_compat
@@ -23,19 +23,25 @@ def _free_port() -> int:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, rank: int | None = None,
-                     world_size: int | None = None, backend: str | None = None) -> ProcessGroupCollection:
+                     world_size: int | None = None, backend: str | None = None,
+                     seed: int = 1234) -> ProcessGroupCollection:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's groups; return them."""
     cpu_compat.apply()
     if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        if world_size == 1 and "MASTER_PORT" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(_free_port())
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        if world_size == 1:
+            # a private one-process world (tools, dry runs): never join a launcher's rendezvous
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
+        else:
+            rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+            world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+            if world_size == 1 and "MASTER_PORT" not in os.environ:
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ["MASTER_PORT"] = str(_free_port())
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     if parallel_state.model_parallel_is_initialized():
         sizes = (parallel_state.get_tensor_model_parallel_world_size(),
                  parallel_state.get_pipeline_model_parallel_world_size(),
@@ -46,14 +52,18 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, rank: int | None = N
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
         create_gloo_process_groups=False)
+    # the RNG tracker megatron-core forks for sequence parallelism and recompute (no dropout in Wan,
+    # but the tracker must exist); TP ranks get distinct model-parallel streams as usual
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
 @contextmanager
-def distributed_session(tp: int = 1, pp: int = 1, cp: int = 1):
-    """init_distributed for a tool or command; tears down only what it set up itself."""
+def distributed_session(tp: int = 1, pp: int = 1, cp: int = 1, world_size: int | None = None):
+    """init_distributed for a tool or command; tears down only what it set up itself.
+    `world_size=1` asks for a private one-process world whatever the environment says."""
     owner = not dist.is_initialized()
-    pg = init_distributed(tp, pp, cp)
+    pg = init_distributed(tp, pp, cp, world_size=world_size)
     try:
         yield pg
     finally:

@@ -18,6 +18,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_regdpo.parallel.context import all_gather_seq
+
 SpecOrType = Union[ModuleSpec, type]
 
 
@@ -30,10 +32,7 @@ def apply_rope(x_SBHK: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class SDPAttention(MegatronModule):
-    """Core attention on torch SDPA with TEDotProductAttention's interface (sbhd in, [S, B, H*K] out).
-
-    Context parallelism is not handled here; the CP wrapper of the parallel package supplies it.
-    """
+    """Core attention on torch SDPA with TEDotProductAttention's interface (sbhd in, [S, B, H*K] out)."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=AttnMaskType.no_mask,
                  attention_type: str = "self", softmax_scale=None, pg_collection=None, **unused):
@@ -42,9 +41,26 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
+        return self._attend(query, key, value, attention_mask)
+
+    def _attend(self, query, key, value, attention_mask):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [B, H, S, K]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).flatten(2)
+
+
+class ContextParallelSDPAttention(SDPAttention):
+    """SDPA over a context-parallel token chunk: keys and values are all-gathered over the CP group
+    (backward reduce-scatters their gradients), so each rank's queries see the whole sequence."""
+
+    def __init__(self, config, layer_number: int, pg_collection=None, **kwargs):
+        super().__init__(config, layer_number, pg_collection=pg_collection, **kwargs)
+        self.cp_group = pg_collection.cp
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        key, value = all_gather_seq(key, self.cp_group), all_gather_seq(value, self.cp_group)
+        return self._attend(query, key, value, attention_mask)
 
 
 @dataclass

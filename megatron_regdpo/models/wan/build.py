@@ -6,6 +6,7 @@ modules with TP-sharded linears, then (later issues) LoRA, recompute and data-pa
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from megatron_regdpo.config.mcore import transformer_config
 
@@ -22,10 +23,24 @@ def build_wan(arch: WanArch, pg_collection, parallel=None, params_dtype: torch.d
     pp_rank = torch.distributed.get_rank(pg_collection.pp)
     pp_size = torch.distributed.get_world_size(pg_collection.pp)
     spec = wan_layer_spec(backend, with_image=arch.image_dim is not None, image_tokens=arch.image_tokens,
-                          cross_attn_norm=arch.cross_attn_norm)
+                          cross_attn_norm=arch.cross_attn_norm,
+                          cp_size=torch.distributed.get_world_size(pg_collection.cp))
     model = WanModel(config, arch, spec, pg_collection, pre_process=pp_rank == 0,
                      post_process=pp_rank == pp_size - 1, vp_stage=vp_stage)
+    if not init_weights:
+        _tag_tensor_parallel_weights(model)
     return model.to(config.params_dtype)
+
+
+def _tag_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """megatron-core marks a TP linear's weight as split (`tensor_model_parallel`, `partition_dim`) only
+    inside its initialisation; weights built to be loaded instead need the same marks, which grad
+    norms, DDP and optimizers read."""
+    for module in model.modules():
+        split_dim = {"ColumnParallelLinear": 0, "TEColumnParallelLinear": 0,
+                     "RowParallelLinear": 1, "TERowParallelLinear": 1}.get(type(module).__name__)
+        if split_dim is not None and getattr(module, "weight", None) is not None:
+            set_tensor_model_parallel_attributes(module.weight, True, split_dim, 1)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

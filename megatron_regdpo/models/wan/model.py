@@ -1,33 +1,58 @@
 """The Wan2.1 video DiT on Megatron-Core: embeddings -> TransformerBlock of WanLayers -> adaLN head.
 
-Legend: B batch, C latent channels, F/H/W latent frames/height/width, S tokens, T context tokens, D hidden.
+Legend: B batch, C latent channels, F/H/W latent frames/height/width, S tokens (this rank's), D hidden,
+P = pt*ph*pw*C_out values per token.
 
-Under pipeline parallelism the first stage embeds the patches, the last stage owns the head, and the
-conditioning (time embedding, context, RoPE table) is recomputed on every stage from the batch, which
-every stage receives: it is cheap and avoids sending anything but hidden states between stages.
+Parallel layout of the token sequence (applied here, in one place):
+- CP: after the patch embedding each context-parallel rank keeps one contiguous chunk of the tokens,
+  and the RoPE table is sliced to the same chunk. `forward_tokens` returns this rank's chunk.
+- SP: within the chunk, tokens are scattered over the TP group before the blocks and gathered after.
+  Every rank's modulation sees only its tokens, so its gradient is summed over TP on the way back.
+- PP: the first stage embeds patches, the last owns the head; the conditioning (time embedding,
+  context, RoPE table) is recomputed on every stage from the batch every stage receives. Its weights
+  are replicated on all stages (same seeded init) and tagged `pipeline_parallel`, so megatron-core's
+  finalize_model_grads sums their gradients over the pipeline.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch import nn
 
+from megatron_regdpo.parallel.context import chunk_bounds, gather_replicated, sum_grad_over_group
+
 from .arch import WanArch
 from .embeddings import ConditionEmbedder, Rope3D
 
+CONDITION_INIT_SEED = 20251103  # same conditioning weights on every pipeline stage at random init
+
 
 class WanModel(MegatronModule):
+    # what megatron-core's schedules and finalize_model_grads ask of a model: a DiT has no word
+    # embedding tied to an output layer, so nothing is shared between the first and last stage
+    model_type = ModelType.encoder_or_decoder
+    share_embeddings_and_output_weights = False
+
     def __init__(self, config, arch: WanArch, layer_spec, pg_collection,
                  pre_process: bool = True, post_process: bool = True, vp_stage=None):
         super().__init__(config=config)
         self.arch, self.pre_process, self.post_process = arch, pre_process, post_process
+        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
+        self.sequence_parallel = config.sequence_parallel
         d = arch.hidden
         if pre_process:
             self.patch_embedding = nn.Conv3d(arch.in_channels, d, kernel_size=arch.patch, stride=arch.patch)
-        self.condition = ConditionEmbedder(arch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(CONDITION_INIT_SEED)
+            self.condition = ConditionEmbedder(arch)
+        for p in self.condition.parameters():
+            setattr(p, "pipeline_parallel", True)
+        config.has_cond_embedder = True  # read by megatron-core's finalize_model_grads
         self.rope = Rope3D(arch)
         self.decoder = TransformerBlock(config, layer_spec, post_layer_norm=False, pre_process=pre_process,
                                         post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
@@ -47,26 +72,56 @@ class WanModel(MegatronModule):
             raise ValueError(f"latent (F, H, W) = {(f, h, w)} is not divisible by the patch {self.arch.patch}")
         return f // pt, h // ph, w // pw
 
-    def forward(self, latents_BCFHW: torch.Tensor, timestep_B: torch.Tensor, text_BTE: torch.Tensor,
-                image_BIE: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted velocity [B, C_out, F, H, W] on the last stage; hidden states [S, B, D] elsewhere."""
+    def forward_tokens(self, latents_BCFHW, timestep_B, text_BTE, image_BIE=None) -> torch.Tensor:
+        """This rank's tokens: predicted velocity patches [B, S_cp, P] on the last stage
+        (S_cp = this CP rank's chunk, in `patchify` order); hidden states [S, B, D] elsewhere."""
         grid = self.token_grid(latents_BCFHW.shape)
+        start, end = chunk_bounds(math.prod(grid), self.cp_group)
         temb_BD, modulation_B6D, context_BTD = self.condition(timestep_B, text_BTE, image_BIE)
-        rope = self.rope.table(grid, device=latents_BCFHW.device)
+        if self.sequence_parallel:
+            modulation_B6D = sum_grad_over_group(modulation_B6D, self.tp_group)
+        rope = self.rope.table(grid, device=latents_BCFHW.device)[:, start:end]
         x_SBD = None
         if self.pre_process:
-            x_SBD = self.patch_embedding(latents_BCFHW).flatten(2).permute(2, 0, 1).contiguous()
+            x_SBD = self.patch_embedding(latents_BCFHW).flatten(2).permute(2, 0, 1)[start:end].contiguous()
+            if self.sequence_parallel:
+                x_SBD = scatter_to_sequence_parallel_region(x_SBD, group=self.tp_group)
         x_SBD = self.decoder(hidden_states=x_SBD, attention_mask=modulation_B6D,
                              context=context_BTD.transpose(0, 1).contiguous(), rotary_pos_emb=rope)
         if not self.post_process:
             return x_SBD
-        return self.head(x_SBD, temb_BD, grid, latents_BCFHW.shape[0])
+        if self.sequence_parallel:  # the head is replicated over TP: keep, do not sum, its gradient
+            x_SBD = gather_from_sequence_parallel_region(x_SBD, tensor_parallel_output_grad=False,
+                                                         group=self.tp_group)
+        return self.head(x_SBD, temb_BD)
 
-    def head(self, x_SBD, temb_BD, grid, batch: int) -> torch.Tensor:
+    def forward(self, latents_BCFHW, timestep_B, text_BTE, image_BIE=None) -> torch.Tensor:
+        """Predicted velocity [B, C_out, F, H, W] for the whole clip (gathered over CP) on the last stage."""
+        out_BSP = self.forward_tokens(latents_BCFHW, timestep_B, text_BTE, image_BIE)
+        if not self.post_process:
+            return out_BSP
+        out_BSP = gather_replicated(out_BSP, self.cp_group, dim=1)
+        return self.unpatchify(out_BSP, self.token_grid(latents_BCFHW.shape))
+
+    def head(self, x_SBD, temb_BD) -> torch.Tensor:
         shift, scale = (self.scale_shift_table.float() + temb_BD.float()[:, None]).transpose(0, 1).unbind(0)
         x_SBD = (nn.functional.layer_norm(x_SBD.float(), (x_SBD.shape[-1],), eps=self.arch.eps) * (1 + scale)
                  + shift).type_as(x_SBD)
-        out = self.proj_out(x_SBD)                                        # [S, B, pt*ph*pw*C]
-        (f, h, w), (pt, ph, pw) = grid, self.arch.patch
-        out = out.transpose(0, 1).reshape(batch, f, h, w, pt, ph, pw, -1)
-        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, -1, f * pt, h * ph, w * pw)
+        return self.proj_out(x_SBD).transpose(0, 1)                      # [B, S, P]
+
+    def patchify(self, x_BCFHW: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, H, W] -> [B, S, P] in the token order of the model's output (the inverse of unpatchify)."""
+        (f, h, w), (pt, ph, pw) = self.token_grid(x_BCFHW.shape), self.arch.patch
+        b, c = x_BCFHW.shape[:2]
+        x = x_BCFHW.reshape(b, c, f, pt, h, ph, w, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
+        return x.reshape(b, f * h * w, pt * ph * pw * c)
+
+    def unpatchify(self, out_BSP: torch.Tensor, grid) -> torch.Tensor:
+        (f, h, w), (pt, ph, pw), b = grid, self.arch.patch, out_BSP.shape[0]
+        out = out_BSP.reshape(b, f, h, w, pt, ph, pw, -1)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def cp_chunk(self, tokens_BSP: torch.Tensor) -> torch.Tensor:
+        """This CP rank's chunk of a [B, S, ...] token tensor (e.g. a patchified target)."""
+        start, end = chunk_bounds(tokens_BSP.shape[1], self.cp_group)
+        return tokens_BSP[:, start:end]

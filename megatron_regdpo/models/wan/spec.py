@@ -10,15 +10,17 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .attention import (SDPAttention, WanCrossAttention, WanCrossAttentionSubmodules, WanSelfAttention,
+from .attention import (ContextParallelSDPAttention, SDPAttention, WanCrossAttention, WanCrossAttentionSubmodules, WanSelfAttention,
                         WanSelfAttentionSubmodules)
 from .layer import WanLayer, WanLayerSubmodules
 from .norms import AcrossHeadsRMSNorm, FP32LayerNorm
 
 
-def _backend_modules(backend: str):
+def _backend_modules(backend: str, cp_size: int = 1):
+    """(column linear, row linear, self-attention core, cross-attention core) for a backend."""
     if backend == "local":
-        return ColumnParallelLinear, RowParallelLinear, SDPAttention
+        return ColumnParallelLinear, RowParallelLinear, \
+            (ContextParallelSDPAttention if cp_size > 1 else SDPAttention), SDPAttention
     if backend == "te":
         try:
             from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
@@ -26,12 +28,14 @@ def _backend_modules(backend: str):
             import transformer_engine  # noqa: F401
         except ImportError as e:
             raise ValueError(f"model.backend='te' needs Transformer Engine (pip install '.[gpu]'): {e}") from e
-        return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+        # TE's attention runs context parallelism itself (config.cp_comm_type) for self-attention
+        return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TEDotProductAttention
     raise ValueError(f"unknown model.backend {backend!r}; expected 'local' or 'te'")
 
 
-def wan_layer_spec(backend: str, with_image: bool, image_tokens: int, cross_attn_norm: bool) -> ModuleSpec:
-    column, row, core = _backend_modules(backend)
+def wan_layer_spec(backend: str, with_image: bool, image_tokens: int, cross_attn_norm: bool,
+                   cp_size: int = 1) -> ModuleSpec:
+    column, row, core, cross_core = _backend_modules(backend, cp_size)
     return ModuleSpec(
         module=WanLayer,
         params={"cross_attn_norm": cross_attn_norm},
@@ -41,7 +45,7 @@ def wan_layer_spec(backend: str, with_image: bool, image_tokens: int, cross_attn
             cross_attention=ModuleSpec(
                 module=WanCrossAttention, params={"image_tokens": image_tokens},
                 submodules=WanCrossAttentionSubmodules(
-                    linear_q=column, linear_kv=column, core_attention=core, linear_proj=row,
+                    linear_q=column, linear_kv=column, core_attention=cross_core, linear_proj=row,
                     qk_norm=AcrossHeadsRMSNorm, with_image=with_image)),
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
             norm=FP32LayerNorm,

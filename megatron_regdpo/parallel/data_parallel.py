@@ -1,0 +1,27 @@
+"""Data-parallel wrapping: megatron-core DDP (optionally with the distributed optimizer's sharded
+buffers) or Megatron-FSDP. The last step of build order: TP/SP/CP are in the model already."""
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+
+def ddp_config(parallel) -> DistributedDataParallelConfig:
+    """Our `parallel` config section -> megatron's DDP config."""
+    if parallel.fsdp:
+        return DistributedDataParallelConfig(
+            grad_reduce_in_fp32=parallel.grad_reduce_in_fp32, use_distributed_optimizer=True,
+            use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params")
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=parallel.grad_reduce_in_fp32, overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.distributed_optimizer, check_for_nan_in_grad=False)
+
+
+def wrap_data_parallel(model: torch.nn.Module, parallel, pg_collection) -> torch.nn.Module:
+    cfg = ddp_config(parallel)
+    if cfg.use_megatron_fsdp:
+        from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(config=model.config, ddp_config=cfg, module=model,
+                                        pg_collection=pg_collection)
+    return DistributedDataParallel(config=model.config, ddp_config=cfg, module=model, pg_collection=pg_collection)
