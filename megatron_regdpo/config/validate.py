@@ -155,6 +155,12 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
         errors.append(f"objective.reference.mode='lora_base' needs LoRA (lora.rank > 0), got rank={lora.rank}")
     if cfg.objective.beta <= 0:
         errors.append(f"objective.beta must be > 0, got {cfg.objective.beta}")
+    if cfg.objective.sft_mode == "dgr" and cfg.objective.sft_weight != 1.0:
+        errors.append(f"objective.sft_weight={cfg.objective.sft_weight} has no effect with sft_mode='dgr' "
+                      f"(r = DGR); use sft_mode='dgr_scaled' to scale the DGR")
+    if cfg.model.backend == "local" and cfg.parallel.cp > 1 and cfg.parallel.cp_comm != "all_gather":
+        errors.append(f"parallel.cp_comm={cfg.parallel.cp_comm!r} needs model.backend='te'; "
+                      f"the local backend implements context parallelism with all_gather")
     if cfg.optim.lr <= 0:
         errors.append(f"optim.lr must be > 0, got {cfg.optim.lr}")
     sched = cfg.schedule

@@ -22,6 +22,7 @@ def wrap_data_parallel(model: torch.nn.Module, parallel, pg_collection) -> torch
     if cfg.use_megatron_fsdp:
         from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
 
+        device = None if torch.cuda.is_available() else torch.device("cpu")  # None: the current GPU
         return FullyShardedDataParallel(config=model.config, ddp_config=cfg, module=model,
-                                        pg_collection=pg_collection)
+                                        pg_collection=pg_collection, device=device)
     return DistributedDataParallel(config=model.config, ddp_config=cfg, module=model, pg_collection=pg_collection)

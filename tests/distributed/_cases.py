@@ -85,6 +85,7 @@ def _unshard(local: torch.Tensor, param, tp_group) -> torch.Tensor:
 def run_case(layout: dict, payload: dict) -> dict:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model, save_model
     from megatron_regdpo.models.wan.build import build_wan
     from megatron_regdpo.objectives.per_sample import sum_across_group
     from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
@@ -99,9 +100,14 @@ def run_case(layout: dict, payload: dict) -> dict:
     arch = ARCHS[payload["task"]]
     model = build_wan(arch, pg, parallel=par, init_weights=False)
     names = _global_names(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(_shard(payload["weights"][names[name]], p, pg.tp))
+    if layout.get("load"):  # a checkpoint written under another layout: dist_checkpointing reshards
+        load_model(model, layout["load"])
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(_shard(payload["weights"][names[name]], p, pg.tp))
+    if layout.get("save"):
+        save_model(model, layout["save"], {"layout": {k: v for k, v in layout.items() if k != "save"}})
     ddp = wrap_data_parallel(model, par, pg)
 
     dp_rank, dp_size = _rank(pg.dp), _size(pg.dp)

@@ -42,7 +42,7 @@ class WanModel(MegatronModule):
                  pre_process: bool = True, post_process: bool = True, vp_stage=None):
         super().__init__(config=config)
         self.arch, self.pre_process, self.post_process = arch, pre_process, post_process
-        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
+        self.tp_group, self.cp_group, self.pp_group = pg_collection.tp, pg_collection.cp, pg_collection.pp
         self.sequence_parallel = config.sequence_parallel
         d = arch.hidden
         if pre_process:
@@ -59,6 +59,17 @@ class WanModel(MegatronModule):
         if post_process:
             self.proj_out = nn.Linear(d, arch.out_channels * math.prod(arch.patch))
             self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """megatron-core's sharding, plus: the conditioning weights live on every pipeline stage, so
+        each stage's copy is a replica (only stage 0's is written) rather than a competing owner."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        pp_rank = torch.distributed.get_rank(self.pp_group)
+        for key, sh in state.items():
+            if key.startswith(f"{prefix}condition.") and hasattr(sh, "replica_id"):
+                rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+                sh.replica_id = (pp_rank, *rid)
+        return state
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's output here."""
