@@ -1,0 +1,59 @@
+"""The Reg-DPO micro-batch step as megatron-core's schedules want it: forward_step(data_iterator, model).
+
+Legend: P pairs in the micro-batch, B = 2P samples stacked [winners; losers], S_cp this rank's tokens.
+
+A micro-batch is a dict with x_t [B, C_in, F, H, W], timestep [B], text [B, T, E], image [B, I, E'] or
+None, target [B, C, F, H, W] (the velocity eps - x0), and err_ref_w / err_ref_l [P] from the reference
+(computed beforehand, without a graph). The loss is computed on the last pipeline stage from per-sample
+errors that are reduced over context parallelism BEFORE the log-sigmoid, then returned as the mean over
+this micro-batch's pairs: megatron-core's schedule divides by the number of micro-batches and scales
+by the CP size, and DDP averages over DP x CP, which makes the step's loss the mean over all its pairs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megatron_regdpo.objectives.per_sample import per_sample_sq_err
+from megatron_regdpo.objectives.reg_dpo import RegDPOSettings, reg_dpo_loss, reg_dpo_metrics
+
+
+def unwrap(model):
+    """The WanModel inside DDP/FSDP wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def policy_errors(model, mb: dict, cp_group) -> torch.Tensor:
+    """Per-sample velocity MSE [B] of the (unwrapped) model on this rank's token chunk, CP-reduced."""
+    out_BSP = model.forward_tokens(mb["x_t"], mb["timestep"], mb["text"], mb.get("image"))
+    target_BSP = model.cp_chunk(model.patchify(mb["target"]))
+    return per_sample_sq_err(out_BSP.float(), target_BSP.float(), group=cp_group)
+
+
+def make_forward_step(settings: RegDPOSettings, cp_group, on_metrics: Callable[[dict], None] | None = None,
+                      sq_err_sum_fn=None):
+    """A forward_step_func for megatron_regdpo.parallel.pipeline.forward_backward."""
+
+    def forward_step(data_iterator, model_chunk):
+        mb = next(data_iterator)
+        model = unwrap(model_chunk)
+        out_BSP = model.forward_tokens(mb["x_t"], mb["timestep"], mb["text"], mb.get("image"))
+
+        def loss_func(out: torch.Tensor):
+            target = model.cp_chunk(model.patchify(mb["target"]))
+            err_B = per_sample_sq_err(out.float(), target.float(), group=cp_group, sq_err_sum_fn=sq_err_sum_fn)
+            err_w, err_l = err_B.chunk(2)
+            result = reg_dpo_loss(err_w, err_l, mb["err_ref_w"], mb["err_ref_l"], settings)
+            loss = result.loss_sum / result.num_pairs
+            metrics = reg_dpo_metrics(result)
+            if on_metrics is not None:
+                on_metrics(metrics)
+            # the schedule scales the returned loss in place: report a copy
+            return loss, {"loss": loss.detach().clone(), "num_pairs": result.num_pairs}
+
+        return out_BSP, loss_func
+
+    return forward_step
