@@ -20,9 +20,13 @@ def ddp_config(parallel) -> DistributedDataParallelConfig:
 def wrap_data_parallel(model: torch.nn.Module, parallel, pg_collection) -> torch.nn.Module:
     cfg = ddp_config(parallel)
     if cfg.use_megatron_fsdp:
+        if not torch.cuda.is_available():
+            # megatron-core's FSDP builds DeviceMesh(device_type="cuda"), calls Tensor.cuda() when it
+            # validates its shards and runs on CUDA streams: there is no CPU path to patch narrowly.
+            raise ValueError("parallel.fsdp=true (Megatron-FSDP) needs CUDA GPUs; on CPU use "
+                             "parallel.distributed_optimizer=true, which shards the optimizer state the same way")
         from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
 
-        device = None if torch.cuda.is_available() else torch.device("cpu")  # None: the current GPU
         return FullyShardedDataParallel(config=model.config, ddp_config=cfg, module=model,
-                                        pg_collection=pg_collection, device=device)
+                                        pg_collection=pg_collection)
     return DistributedDataParallel(config=model.config, ddp_config=cfg, module=model, pg_collection=pg_collection)

@@ -98,14 +98,15 @@ def run_case(layout: dict, payload: dict) -> dict:
                           grad_reduce_in_fp32=False)
     pg = init_distributed(tp, pp, cp)
     arch = ARCHS[payload["task"]]
-    model = build_wan(arch, pg, parallel=par, init_weights=False)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = build_wan(arch, pg, parallel=par, init_weights=False).to(device)
     names = _global_names(model)
     if layout.get("load"):  # a checkpoint written under another layout: dist_checkpointing reshards
         load_model(model, layout["load"])
     else:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(_shard(payload["weights"][names[name]], p, pg.tp))
+                p.copy_(_shard(payload["weights"][names[name]], p, pg.tp).to(device))
     if layout.get("save"):
         save_model(model, layout["save"], {"layout": {k: v for k, v in layout.items() if k != "save"}})
     ddp = wrap_data_parallel(model, par, pg)
@@ -118,7 +119,7 @@ def run_case(layout: dict, payload: dict) -> dict:
 
     def forward_step(data_iterator, chunk):
         pair_id = next(data_iterator)
-        b = payload["pairs"][pair_id]
+        b = {k: None if v is None else v.to(device) for k, v in payload["pairs"][pair_id].items()}
         out = model.forward_tokens(b["x"], b["t"], b["text"], b["image"])
 
         def loss_func(out_BSP):
@@ -128,9 +129,9 @@ def run_case(layout: dict, payload: dict) -> dict:
             loss = -F.logsigmoid(-BETA * (err[0] - err[1])) + SFT * err[0]
             full = [torch.empty_like(out_BSP) for _ in range(_size(pg.cp))]
             dist.all_gather(full, out_BSP.detach().contiguous(), group=pg.cp)
-            outputs[pair_id] = model.unpatchify(torch.cat(full, 1), model.token_grid(b["x"].shape))
-            errs[pair_id] = err.detach()
-            return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
+            outputs[pair_id] = model.unpatchify(torch.cat(full, 1), model.token_grid(b["x"].shape)).cpu()
+            errs[pair_id] = err.detach().cpu()
+            return loss, {"loss": loss.detach().clone().cpu()}  # the schedule scales `loss` in place
 
         return out, loss_func
 
@@ -140,13 +141,13 @@ def run_case(layout: dict, payload: dict) -> dict:
               "losses": {p: l["loss"] for p, l in zip(my_pairs, losses)} if losses else {},
               "coords": {"tp": _rank(pg.tp), "pp": _rank(pg.pp), "cp": _rank(pg.cp), "dp": dp_rank}}
     if not par.distributed_optimizer:
-        result["grads"] = {names[n]: _unshard(p.main_grad, p, pg.tp) for n, p in model.named_parameters()}
+        result["grads"] = {names[n]: _unshard(p.main_grad, p, pg.tp).cpu() for n, p in model.named_parameters()}
     if layout.get("step"):
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, adam_eps=1e-3, clip_grad=0.0,
                                                      use_distributed_optimizer=par.distributed_optimizer), [ddp],
                                      use_gloo_process_groups=False)
         opt.step()
-        result["params"] = {names[n]: _unshard(p, p, pg.tp) for n, p in model.named_parameters()}
+        result["params"] = {names[n]: _unshard(p, p, pg.tp).cpu() for n, p in model.named_parameters()}
     return result
 
 
