@@ -26,6 +26,7 @@ def transformer_config(arch, parallel=None, params_dtype: torch.dtype = torch.fl
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
         virtual_pipeline_model_parallel_size=getattr(parallel, "virtual_pp", None),
         sequence_parallel=bool(parallel and parallel.sequence_parallel),
+        cp_comm_type=getattr(parallel, "cp_comm", "all_gather") if cp > 1 else None,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         fp8="hybrid" if fp8 else None, fp8_recipe={"delayed": "delayed", "current": "tensorwise"}.get(fp8, "delayed"),
         use_cpu_initialization=True, perform_initialization=init_weights,

@@ -58,6 +58,11 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, rank: int | None = N
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
+def groups_from_config(parallel, seed: int = 1234) -> ProcessGroupCollection:
+    """The process groups of a `parallel` config section (torchrun or spawned ranks)."""
+    return init_distributed(parallel.tp, parallel.pp, parallel.cp, seed=seed)
+
+
 @contextmanager
 def distributed_session(tp: int = 1, pp: int = 1, cp: int = 1, world_size: int | None = None):
     """init_distributed for a tool or command; tears down only what it set up itself.

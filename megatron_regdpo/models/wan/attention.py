@@ -92,7 +92,8 @@ class _WanAttentionBase(MegatronModule):
         self.k_norm = build_module(submodules.qk_norm, config, d, config.layernorm_epsilon, tp_group=self.tp_group)
         self.core_attention = build_module(
             submodules.core_attention, config=config, layer_number=layer_number,
-            attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type, pg_collection=pg_collection)
+            attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type, pg_collection=pg_collection,
+            cp_comm_type=config.cp_comm_type)
         self.linear_proj = build_module(
             submodules.linear_proj, d, d, config=config, init_method=config.output_layer_init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False,

@@ -6,6 +6,8 @@ LayerNorm, across-heads RMSNorm) stay ours in both, since TE has no across-heads
 """
 from __future__ import annotations
 
+import dataclasses
+
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -28,9 +30,22 @@ def _backend_modules(backend: str, cp_size: int = 1):
             import transformer_engine  # noqa: F401
         except ImportError as e:
             raise ValueError(f"model.backend='te' needs Transformer Engine (pip install '.[gpu]'): {e}") from e
-        # TE's attention runs context parallelism itself (config.cp_comm_type) for self-attention
-        return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, TEDotProductAttention
+        # TE's attention runs context parallelism itself (config.cp_comm_type) for self-attention;
+        # cross-attention reads the replicated context and must not
+        return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, _te_cross_attention()
     raise ValueError(f"unknown model.backend {backend!r}; expected 'local' or 'te'")
+
+
+def _te_cross_attention():
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    class TECrossAttentionNoCP(TEDotProductAttention):
+        """TE core attention for video queries x replicated context: context parallelism off."""
+
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(dataclasses.replace(config, context_parallel_size=1), *args, **kwargs)
+
+    return TECrossAttentionNoCP
 
 
 def wan_layer_spec(backend: str, with_image: bool, image_tokens: int, cross_attn_norm: bool,
