@@ -70,6 +70,48 @@ def dry_run(cfg, world_size: int) -> int:
     return 0
 
 
+class _JsonlLog:
+    """Rank 0 appends one JSON line per step to RUN_DIR/metrics.jsonl and prints a console line."""
+
+    def __init__(self, run_dir, interval: int):
+        import torch.distributed as dist
+
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.path, self.interval = run_dir / "metrics.jsonl", max(interval, 1)
+        if self.rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+
+    def step(self, step: int, metrics: dict) -> None:
+        import json
+        import time
+
+        if not self.rank0:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if step % self.interval == 0:
+            print(f"step {step}: loss {metrics['loss/total']:.4f} dgr {metrics.get('dpo/dgr', float('nan')):.2f} "
+                  f"acc {metrics.get('dpo/implicit_acc', float('nan')):.2f} lr {metrics['optim/lr']:.2e} "
+                  f"grad {metrics['optim/grad_norm']:.3f} {metrics['time/step_s']:.2f} s", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.rank0:
+            print(text, flush=True)
+
+
+def run_training(cfg) -> int:
+    from megatron_regdpo.parallel.groups import distributed_session
+    from megatron_regdpo.training.setup import build_run
+    from megatron_regdpo.training.trainer import train
+
+    p = cfg.parallel
+    with distributed_session(p.tp, p.pp, p.cp) as pg:   # torchrun's world, or one process
+        run = build_run(cfg, pg)
+        if run.start_step:
+            print(f"resumed from {run.checkpointer.latest()} at step {run.start_step}", flush=True)
+        return train(run, _JsonlLog(run.run_dir, cfg.logging.interval))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
@@ -77,10 +119,12 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             return dry_run(cfg, world_size)
-        from megatron_regdpo.smoke import run_smoke
-
         validate(cfg, world_size, resolve_arch(cfg.model))
-        return run_smoke(cfg)
+        if cfg.data.store is None:  # nothing to train on: one real step of the model, checkpoint, reload
+            from megatron_regdpo.smoke import run_smoke
+
+            return run_smoke(cfg)
+        return run_training(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"invalid config: {e}", file=sys.stderr)
         return 2

@@ -129,6 +129,7 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     clip_grad: float = 1.0
+    max_skipped_steps: int = 5  # abort after this many non-finite steps in a row
 
 
 @dataclass(frozen=True)

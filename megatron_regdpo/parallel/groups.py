@@ -64,11 +64,11 @@ def groups_from_config(parallel, seed: int = 1234) -> ProcessGroupCollection:
 
 
 @contextmanager
-def distributed_session(tp: int = 1, pp: int = 1, cp: int = 1, world_size: int | None = None):
+def distributed_session(tp: int = 1, pp: int = 1, cp: int = 1, world_size: int | None = None, seed: int = 1234):
     """init_distributed for a tool or command; tears down only what it set up itself.
     `world_size=1` asks for a private one-process world whatever the environment says."""
     owner = not dist.is_initialized()
-    pg = init_distributed(tp, pp, cp, world_size=world_size)
+    pg = init_distributed(tp, pp, cp, world_size=world_size, seed=seed)
     try:
         yield pg
     finally:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Launch megatron_regdpo training with torchrun: one process per GPU on this node.
+#
+#   single node:  launch/torchrun.sh RECIPE [key.sub=value ...]
+#   multi node:   NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0 host> [MASTER_PORT=29500] \
+#                   launch/torchrun.sh RECIPE [key.sub=value ...]          (run the same line on every node)
+#
+# Environment (all optional):
+#   NPROC_PER_NODE  processes on this node (default: the number of GPUs nvidia-smi lists, else 1)
+#   NNODES          nodes in the job (default 1: --standalone, no rendezvous setup)
+#   NODE_RANK       this node's rank; node 0 hosts the c10d rendezvous store (ranks are assigned by the
+#                   rendezvous itself: torchrun ignores --node-rank with c10d)
+#   MASTER_ADDR, MASTER_PORT   the rendezvous endpoint, on node 0 (port default 29500)
+#   RDZV_ID         job id shared by all nodes (default $SLURM_JOB_ID, else "regdpo")
+#   TORCHRUN        the launcher command (default: torchrun)
+# Extra arguments after RECIPE go to megatron_regdpo.train (config overrides such as optim.lr=1e-5).
+set -euo pipefail
+
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+RECIPE=$1
+shift
+if [[ ! -f $RECIPE ]]; then
+    echo "torchrun.sh: recipe not found: $RECIPE (paths are relative to $(pwd))" >&2
+    exit 2
+fi
+
+if [[ -z ${NPROC_PER_NODE:-} ]]; then
+    NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+    (( NPROC_PER_NODE > 0 )) || NPROC_PER_NODE=1
+fi
+NNODES=${NNODES:-1}
+TORCHRUN=${TORCHRUN:-torchrun}
+
+# Megatron's TP/SP communication overlap relies on kernels being launched in issue order.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# torchrun sets 1 thread per process when unset; give each process its share of the cores instead.
+CORES=$(nproc 2>/dev/null || echo 1)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC_PER_NODE > 0 ? CORES / NPROC_PER_NODE : 1 ))}
+export PYTHONUNBUFFERED=1
+
+TRAIN=(-m megatron_regdpo.train --config "$RECIPE" "$@")
+if (( NNODES == 1 )); then
+    set -x
+    exec $TORCHRUN --standalone --nproc-per-node="$NPROC_PER_NODE" "${TRAIN[@]}"
+fi
+
+: "${MASTER_ADDR:?multi-node (NNODES=$NNODES) needs MASTER_ADDR, the host of node 0}"
+: "${NODE_RANK:?multi-node (NNODES=$NNODES) needs NODE_RANK (0..$(( NNODES - 1 )))}"
+MASTER_PORT=${MASTER_PORT:-29500}
+IS_HOST=$([[ $NODE_RANK == 0 ]] && echo 1 || echo 0)
+set -x
+exec $TORCHRUN --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
+    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+    --rdzv-id="${RDZV_ID:-${SLURM_JOB_ID:-regdpo}}" --rdzv-conf="is_host=$IS_HOST" \
+    "${TRAIN[@]}"

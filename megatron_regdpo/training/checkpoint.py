@@ -1,0 +1,101 @@
+"""Training checkpoints with megatron-core dist_checkpointing: model (and LoRA), optimizer, trainer
+state (step, sampler, counters), per-rank RNG.
+
+Layout: <root>/iter_0000123/ (one per save), <root>/latest (the name of the newest complete one).
+A save is written aside into iter_XXXXXXX.partial and published by a rename, then `latest` is
+replaced atomically; a process killed at any point leaves the previous checkpoint loadable. Only the
+newest `keep` checkpoints are kept. Parameters and optimizer state reshard on load.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+LATEST = "latest"
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _unwrap(chunk):
+    """The model inside DDP: checkpoint keys are the model's own names (as in converted checkpoints)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _sharded_state(model_chunks: list, optimizer, trainer_state: dict | None, is_loading: bool) -> dict:
+    model_sd = {}
+    for chunk in model_chunks:
+        model_sd.update(_unwrap(chunk).sharded_state_dict())
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rng = ShardedObject("rng_state", torch.get_rng_state() if not is_loading else None, (world,), (rank,),
+                        replica_id=0)
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+            "trainer": dict(trainer_state or {}), "rng": rng}
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        self.root, self.keep = Path(root), keep
+
+    def latest(self) -> Path | None:
+        marker = self.root / LATEST
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{marker} names {path.name}, which does not exist")
+        return path
+
+    def save(self, step: int, model_chunks: list, optimizer, trainer_state: dict) -> Path:
+        final = self.root / f"iter_{step:07d}"
+        partial = final.with_name(final.name + ".partial")
+        if _rank0():
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        state = _sharded_state(model_chunks, optimizer, {**trainer_state, "step": step}, is_loading=False)
+        dist_checkpointing.save(state, str(partial), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        _barrier()
+        if _rank0():
+            shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
+            partial.rename(final)
+            tmp = self.root / f"{LATEST}.tmp"
+            tmp.write_text(final.name)
+            os.replace(tmp, self.root / LATEST)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+        for old in done[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: str | Path, model_chunks: list, optimizer) -> dict:
+        """Restore model, optimizer and this rank's RNG from `path`; return the trainer state."""
+        path = Path(path)
+        if not (path / "metadata.json").is_file():
+            raise FileNotFoundError(f"{path} is not a complete training checkpoint (no metadata.json)")
+        state = dist_checkpointing.load(_sharded_state(model_chunks, optimizer, None, is_loading=True), str(path))
+        for chunk in model_chunks:
+            _unwrap(chunk).load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        return state["trainer"]

@@ -1,0 +1,55 @@
+"""AdamW through megatron-core's optimizer (distributed or not), the LR schedule, and a step that
+skips non-finite updates instead of applying them."""
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import clip_grads  # looked up at call time: cpu_compat may rebind it
+
+
+def build_optimizer(optim, parallel, params_dtype: torch.dtype, model_chunks: list, pg_collection):
+    """`optim`/`parallel`: our config sections. Only parameters with requires_grad are optimised (LoRA)."""
+    config = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+        adam_beta2=optim.betas[1], adam_eps=optim.eps, clip_grad=optim.clip_grad,
+        bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+        use_distributed_optimizer=parallel.distributed_optimizer or parallel.fsdp)
+    return get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False)
+
+
+def lr_at(step: int, optim, schedule) -> float:
+    """Linear warmup over `warmup_steps`, then constant or cosine decay to `min_lr` at `train_steps`."""
+    if schedule.warmup_steps and step < schedule.warmup_steps:
+        return optim.lr * (step + 1) / schedule.warmup_steps
+    if schedule.lr_decay == "constant":
+        return optim.lr
+    span = max(schedule.train_steps - schedule.warmup_steps, 1)
+    progress = min((step - schedule.warmup_steps) / span, 1.0)
+    return schedule.min_lr + 0.5 * (optim.lr - schedule.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _leaves(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_step(optimizer, loss: float, clip_grad: float) -> tuple[bool, float]:
+    """Clip and apply the update; returns (applied, grad_norm). A non-finite loss or gradient norm
+    (or a found-inf from loss scaling) applies nothing: the caller counts the skip."""
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not math.isfinite(grad_norm) or not math.isfinite(loss):
+        optimizer.zero_grad()
+        return False, grad_norm
+    if clip_grad > 0:
+        for leaf in _leaves(optimizer):
+            params = leaf.get_parameters()
+            if params:
+                clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=grad_norm)
+    return bool(optimizer.step_with_ready_grads()), grad_norm

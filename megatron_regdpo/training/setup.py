@@ -1,0 +1,136 @@
+"""Builds a TrainingRun from the config: groups, model (+ base weights, + LoRA), DDP, optimizer,
+reference, data, checkpointer (resuming from `latest`). The only place that knows model, method and data."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
+from megatron_regdpo.config import video_tokens
+from megatron_regdpo.config.mcore import DTYPES
+from megatron_regdpo.data.pairs import PairDataset
+from megatron_regdpo.models.wan.arch import resolve_arch
+from megatron_regdpo.models.wan.build import build_wan
+from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
+from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
+from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
+from megatron_regdpo.reference import ReferenceBatch, build_reference
+
+from .checkpoint import Checkpointer
+from .optimizer import build_optimizer
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    cfg: object
+    pg: object
+    model: torch.nn.Module          # this rank's WanModel (unwrapped)
+    model_chunks: list              # [DDP(model)]
+    optimizer: object
+    reference: object
+    dataset: PairDataset
+    sampler: object
+    checkpointer: Checkpointer
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    tokens: int
+    dp_size: int
+    settings: RegDPOSettings
+    flow_matching: FlowMatchingSettings
+    start_step: int = 0
+    skipped_total: int = 0
+    _ids: object = None
+
+    def next_pair_ids(self) -> list[int]:
+        for _ in range(2):  # the sampler's iterator ends with its epoch; the next one starts the next epoch
+            if self._ids is None:
+                self._ids = iter(self.sampler)
+            try:
+                return next(self._ids)
+            except StopIteration:
+                self._ids = None
+        raise RuntimeError("the sampler yields no batches")
+
+    def reference_batch(self, mb: dict, step: int) -> ReferenceBatch:
+        return ReferenceBatch(x_t=mb["x_t"], timestep=mb["timestep"], text=mb["text"], target=mb["target"],
+                              image=mb["image"], pair_ids=tuple(mb["pair_ids"]), seed=self.cfg.run.seed, step=step)
+
+    def mean_loss(self, losses: list[dict]) -> float:
+        """The step's loss on every rank: the last stage's mean over micro-batches, averaged over DP."""
+        local = torch.tensor([sum(float(l["loss"]) for l in losses) / len(losses) if losses else 0.0],
+                             dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(local, group=self.pg.pp)             # only the last stage holds it
+            dist.all_reduce(local, group=self.pg.dp)
+            local /= dist.get_world_size(self.pg.dp)
+        return float(local.item())
+
+    def objective_metrics(self, per_mb: list[dict]) -> dict:
+        if not per_mb:
+            return {}
+        keys = [k for k in per_mb[0] if k != "loss/total"]
+        return {k: sum(m[k] for m in per_mb) / len(per_mb) for k in keys}
+
+    def checkpoint_due(self, step: int) -> bool:
+        return self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
+
+    def save(self, step: int) -> Path:
+        return self.checkpointer.save(step, self.model_chunks, self.optimizer,
+                                      {"sampler": self.sampler.state_dict(), "skipped_total": self.skipped_total})
+
+
+def build_run(cfg, pg) -> TrainingRun:
+    arch = resolve_arch(cfg.model)
+    dtype = DTYPES[cfg.precision.params_dtype]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.data.store is None:
+        raise ValueError("data.store is not set: point it at a GT-Pair store (tools/preprocess_videos.py, "
+                         "tools/make_gt_pairs.py)")
+    if cfg.parallel.pp > 1 and cfg.objective.reference.mode != "cached":
+        raise ValueError(f"parallel.pp={cfg.parallel.pp} needs objective.reference.mode='cached' for now "
+                         f"(the reference forward runs whole-model on each rank), got "
+                         f"{cfg.objective.reference.mode!r}")
+
+    def build_base(init: bool) -> torch.nn.Module:
+        return build_wan(arch, pg, parallel=cfg.parallel, params_dtype=dtype, fp8=cfg.precision.fp8,
+                         backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init).to(device)
+
+    model = build_base(init=cfg.checkpoint.load is None)
+    if cfg.checkpoint.load is not None:
+        load_model(model, cfg.checkpoint.load)                      # the base (pretrained) weights
+    if cfg.lora.rank > 0:
+        from megatron_regdpo.models.lora import apply_lora
+
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
+    ddp = wrap_data_parallel(model, cfg.parallel, pg)
+    optimizer = build_optimizer(cfg.optim, cfg.parallel, dtype, [ddp], pg)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    fm = FlowMatchingSettings(shift=cfg.objective.shift, timestep_sampling=cfg.objective.timestep_sampling)
+    reference = build_reference(
+        cfg.objective.reference.mode, ddp, build_model=lambda: build_base(init=False), checkpoint=cfg.checkpoint.load,
+        cp_group=pg.cp, cache_path=Path(cfg.data.store) / "reference_cache",
+        expect={"seed": cfg.run.seed})
+    dataset = PairDataset(cfg.data.store)
+    dp_size, dp_rank = dist.get_world_size(pg.dp), dist.get_rank(pg.dp)
+    per_rank = cfg.data.global_batch_pairs // dp_size
+    sampler = dataset.sampler(per_rank, dp_rank, dp_size, seed=cfg.run.seed)
+    tokens, _ = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
+    run = TrainingRun(
+        cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference, dataset=dataset,
+        sampler=sampler, checkpointer=Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"),
+                                                   cfg.checkpoint.keep),
+        run_dir=run_dir, device=device, dtype=dtype, tokens=tokens, dp_size=dp_size,
+        settings=RegDPOSettings(cfg.objective.beta, cfg.objective.beta_convention, cfg.objective.dpo_weight,
+                                cfg.objective.sft_mode, cfg.objective.sft_weight),
+        flow_matching=fm)
+    latest = run.checkpointer.latest()
+    if latest is not None:
+        state = run.checkpointer.load(latest, run.model_chunks, optimizer)
+        run.start_step, run.skipped_total = int(state["step"]), int(state.get("skipped_total", 0))
+        sampler.load_state_dict(state["sampler"])
+    return run

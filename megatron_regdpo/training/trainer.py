@@ -1,0 +1,95 @@
+"""The Reg-DPO training loop. Everything per micro-batch lives in step.py; building lives in setup.py.
+
+One step: this rank's pair ids from the sampler -> micro-batches with keyed noise -> reference errors
+(no graph) -> policy forward/backward through megatron-core's schedule -> finalize grads -> clip and
+AdamW (skipped when the loss or gradient norm is not finite) -> metrics -> maybe a checkpoint.
+SIGTERM/SIGINT are honoured at the next step boundary: save, then return 0.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_regdpo.parallel.pipeline import forward_backward
+
+from .batches import micro_batches
+from .optimizer import lr_at, optimizer_step, set_lr
+from .step import make_forward_step
+
+
+class StopRequested:
+    """Records SIGTERM/SIGINT; every rank agrees at a step boundary (a signal may reach only some)."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.flag else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _mean_metrics(per_mb: list[dict]) -> dict:
+    keys = per_mb[0].keys() if per_mb else ()
+    return {k: sum(m[k] for m in per_mb) / len(per_mb) for k in keys}
+
+
+def train(run, log) -> int:
+    """`run`: a setup.TrainingRun (model, optimizer, data, reference, checkpointer, config)."""
+    cfg, stop = run.cfg, StopRequested()
+    step, skipped_in_row = run.start_step, 0
+    per_micro = cfg.data.micro_batch_pairs
+    try:
+        while step < cfg.schedule.train_steps:
+            t0 = time.perf_counter()
+            ids = run.next_pair_ids()
+            mbs = micro_batches(run.dataset, ids, per_micro, seed=cfg.run.seed, step=step, fm=run.flow_matching,
+                                device=run.device, dtype=run.dtype)
+            run.reference.begin_step()
+            for mb in mbs:
+                mb["err_ref_w"], mb["err_ref_l"] = run.reference(run.reference_batch(mb, step))
+            run.reference.end_step()
+
+            set_lr(run.optimizer, lr := lr_at(step, cfg.optim, cfg.schedule))
+            for chunk in run.model_chunks:
+                chunk.zero_grad_buffer()
+            run.optimizer.zero_grad()
+            objective_metrics: list[dict] = []
+            losses = forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, objective_metrics.append),
+                                      iter(mbs), num_microbatches=len(mbs), tokens=run.tokens,
+                                      micro_batch_size=2 * per_micro, pg_collection=run.pg)
+            loss = run.mean_loss(losses)
+            applied, grad_norm = optimizer_step(run.optimizer, loss, cfg.optim.clip_grad)
+            skipped_in_row = 0 if applied else skipped_in_row + 1
+            run.skipped_total += 0 if applied else 1
+            step += 1
+            log.step(step, {**run.objective_metrics(objective_metrics), "loss/total": loss, "optim/lr": lr,
+                            "optim/grad_norm": grad_norm, "optim/skipped_steps": run.skipped_total,
+                            "time/step_s": time.perf_counter() - t0, "pairs": len(ids) * run.dp_size})
+            if skipped_in_row >= cfg.optim.max_skipped_steps:
+                raise FloatingPointError(f"{skipped_in_row} steps in a row had a non-finite loss or gradient norm "
+                                         f"(last: loss {loss}, grad norm {grad_norm}); stopping at step {step}")
+            stopping = stop.agreed()
+            if stopping or run.checkpoint_due(step):
+                run.save(step)
+            if stopping:
+                log.message(f"stop requested: saved step {step}, exiting")
+                return 0
+        if not run.checkpoint_due(step):
+            run.save(step)
+        return 0
+    finally:
+        stop.restore()
