@@ -70,46 +70,25 @@ def dry_run(cfg, world_size: int) -> int:
     return 0
 
 
-class _JsonlLog:
-    """Rank 0 appends one JSON line per step to RUN_DIR/metrics.jsonl and prints a console line."""
-
-    def __init__(self, run_dir, interval: int):
-        import torch.distributed as dist
-
-        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        self.path, self.interval = run_dir / "metrics.jsonl", max(interval, 1)
-        if self.rank0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-
-    def step(self, step: int, metrics: dict) -> None:
-        import json
-        import time
-
-        if not self.rank0:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        if step % self.interval == 0:
-            print(f"step {step}: loss {metrics['loss/total']:.4f} dgr {metrics.get('dpo/dgr', float('nan')):.2f} "
-                  f"acc {metrics.get('dpo/implicit_acc', float('nan')):.2f} lr {metrics['optim/lr']:.2e} "
-                  f"grad {metrics['optim/grad_norm']:.3f} {metrics['time/step_s']:.2f} s", flush=True)
-
-    def message(self, text: str) -> None:
-        if self.rank0:
-            print(text, flush=True)
-
-
 def run_training(cfg) -> int:
+    import torch.distributed as dist
+
     from megatron_regdpo.parallel.groups import distributed_session
+    from megatron_regdpo.training.metrics import MetricsLogger
     from megatron_regdpo.training.setup import build_run
     from megatron_regdpo.training.trainer import train
 
     p = cfg.parallel
-    with distributed_session(p.tp, p.pp, p.cp) as pg:   # torchrun's world, or one process
+    with distributed_session(p.tp, p.pp, p.cp, seed=cfg.run.seed) as pg:   # torchrun's world, or one process
         run = build_run(cfg, pg)
-        if run.start_step:
-            print(f"resumed from {run.checkpointer.latest()} at step {run.start_step}", flush=True)
-        return train(run, _JsonlLog(run.run_dir, cfg.logging.interval))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        writer = (p.pp - 1) * world // p.pp  # rank 0's last pipeline stage holds the loss (pp is outermost)
+        with MetricsLogger(run.run_dir, cfg.logging, rank, world, total_steps=cfg.schedule.train_steps,
+                           start_step=run.start_step, run_name=cfg.run.name, config=cfg.to_dict(),
+                           writer_rank=writer) as log:
+            if run.start_step:
+                log.message(f"resumed from {run.checkpointer.latest()} at step {run.start_step}")
+            return train(run, log)
 
 
 def main(argv=None) -> int:

@@ -100,6 +100,7 @@ def build_run(cfg, pg) -> TrainingRun:
         return build_wan(arch, pg, parallel=cfg.parallel, params_dtype=dtype, fp8=cfg.precision.fp8,
                          backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init).to(device)
 
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every run of this config
     model = build_base(init=cfg.checkpoint.load is None)
     if cfg.checkpoint.load is not None:
         load_model(model, cfg.checkpoint.load)                      # the base (pretrained) weights

@@ -7,7 +7,6 @@ SIGTERM/SIGINT are honoured at the next step boundary: save, then return 0.
 """
 from __future__ import annotations
 
-import math
 import signal
 import time
 
@@ -17,6 +16,8 @@ import torch.distributed as dist
 from megatron_regdpo.parallel.pipeline import forward_backward
 
 from .batches import micro_batches
+from .metrics import DGRAlarm, average_microbatches, peak_memory_gb, reduce_over_group, step_metrics
+from .metrics import objective_metrics as objective_names
 from .optimizer import lr_at, optimizer_step, set_lr
 from .step import make_forward_step
 
@@ -42,14 +43,10 @@ class StopRequested:
             signal.signal(s, handler)
 
 
-def _mean_metrics(per_mb: list[dict]) -> dict:
-    keys = per_mb[0].keys() if per_mb else ()
-    return {k: sum(m[k] for m in per_mb) / len(per_mb) for k in keys}
-
-
 def train(run, log) -> int:
     """`run`: a setup.TrainingRun (model, optimizer, data, reference, checkpointer, config)."""
     cfg, stop = run.cfg, StopRequested()
+    alarm = DGRAlarm.from_beta_eff(run.settings.beta_eff)
     step, skipped_in_row = run.start_step, 0
     per_micro = cfg.data.micro_batch_pairs
     try:
@@ -76,9 +73,15 @@ def train(run, log) -> int:
             skipped_in_row = 0 if applied else skipped_in_row + 1
             run.skipped_total += 0 if applied else 1
             step += 1
-            log.step(step, {**run.objective_metrics(objective_metrics), "loss/total": loss, "optim/lr": lr,
-                            "optim/grad_norm": grad_norm, "optim/skipped_steps": run.skipped_total,
-                            "time/step_s": time.perf_counter() - t0, "pairs": len(ids) * run.dp_size})
+            objective = average_microbatches([objective_names(m) for m in objective_metrics],
+                                             num_pairs=[per_micro] * len(objective_metrics)) if objective_metrics else {}
+            objective = reduce_over_group(objective, run.pg.dp, num_pairs=len(ids)) if objective else {}
+            metrics = step_metrics({**objective, "loss/total": loss}, step=step, lr=lr, grad_norm=grad_norm,
+                                   skipped_steps=run.skipped_total, pairs=len(ids) * run.dp_size,
+                                   step_s=time.perf_counter() - t0, peak_gb=peak_memory_gb(run.device))
+            log.log(metrics)
+            if "dpo/dgr" in metrics:
+                alarm.update(metrics["dpo/dgr"], step)
             if skipped_in_row >= cfg.optim.max_skipped_steps:
                 raise FloatingPointError(f"{skipped_in_row} steps in a row had a non-finite loss or gradient norm "
                                          f"(last: loss {loss}, grad norm {grad_norm}); stopping at step {step}")

@@ -1,0 +1,140 @@
+"""The trainer end to end on a tiny GT-Pair store: exact resume, SIGTERM, non-finite steps, a kill
+during a checkpoint save."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "recipes" / "debug" / "tiny_cpu.yaml")
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, pg):
+    """4 real clips (tiny random VAE/text encoder) and one generated negative each."""
+    from megatron_regdpo.data.decode.synth import make_test_clips
+    from megatron_regdpo.data.encode import tiny_models
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = tmp_path_factory.mktemp("store")
+    clips, inp = make_test_clips(root / "clips", names=("vp9", "vp8", "mjpeg")), root / "in"
+    inp.mkdir()
+    for i, path in enumerate(list(clips.values())[:4]):
+        if path.stat().st_size > 5000 and path.suffix != ".mp4":
+            shutil.copy(path, inp / path.name)
+            (inp / path.name).with_suffix(".txt").write_text(f"clip {i}")
+    tiny_models(root / "models")
+    assert _tool("preprocess_videos").main([
+        "--input", str(inp), "--store", str(root / "pairs.zarr"), "--frames", "9", "--fps", "8", "--short-side", "64",
+        "--bucket", "1:1", "--text-len", "16", "--tiny-random-models", "--models-dir", str(root / "models"),
+        "--no-progress"]) == 0
+    assert _tool("make_gt_pairs").main(["generate", "--store", str(root / "pairs.zarr"), "--random-debug", "-k", "1",
+                                        "--steps", "2", "--no-progress"]) == 0
+    return root / "pairs.zarr"
+
+
+def _args(store, out, steps, *extra):
+    return ["--config", RECIPE, f"data.store={store}", f"run.output_dir={out}", f"schedule.train_steps={steps}",
+            "objective.beta=50", "data.global_batch_pairs=1", *extra]
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "tiny-cpu" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_bitwise_exact(store, tmp_path):
+    from megatron_regdpo.train import main
+
+    assert main(_args(store, tmp_path / "once", 6, "checkpoint.interval=3")) == 0
+    assert main(_args(store, tmp_path / "twice", 3, "checkpoint.interval=3")) == 0
+    assert main(_args(store, tmp_path / "twice", 6, "checkpoint.interval=3")) == 0   # resumes from step 3
+    once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
+    assert [m["step"] for m in twice] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(once, twice):
+        assert (a["loss/total"], a["optim/grad_norm"], a["dpo/dgr"]) == (b["loss/total"], b["optim/grad_norm"], b["dpo/dgr"])
+    ckpts = sorted(p.name for p in (tmp_path / "twice" / "tiny-cpu" / "checkpoints").glob("iter_*"))
+    assert ckpts == ["iter_0000003", "iter_0000006"]
+
+
+def test_non_finite_steps_are_skipped_then_abort(store, tmp_path, monkeypatch):
+    from megatron_regdpo.train import main
+    from megatron_regdpo.training import trainer
+
+    real = trainer.micro_batches
+    poisoned_steps = {1, 3, 4}
+
+    def poisoned(*args, step, **kwargs):
+        mbs = real(*args, step=step, **kwargs)
+        if step in poisoned_steps:
+            for mb in mbs:
+                mb["x_t"] = torch.full_like(mb["x_t"], float("nan"))
+        return mbs
+
+    monkeypatch.setattr(trainer, "micro_batches", poisoned)
+    with pytest.raises(FloatingPointError, match="2 steps in a row"):
+        main(_args(store, tmp_path, 10, "optim.max_skipped_steps=2"))
+    m = _metrics(tmp_path)
+    assert [x["optim/skipped_steps"] for x in m] == [0, 1, 1, 2, 3]   # step index 1 skipped, 3 and 4 abort
+
+
+def _start(store, out, steps, *extra):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "megatron_regdpo.train", *_args(store, out, steps, *extra)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def test_sigterm_saves_at_step_boundary_and_exits_0(store, tmp_path):
+    proc = _start(store, tmp_path, 1000)
+    jsonl = tmp_path / "tiny-cpu" / "metrics.jsonl"
+    assert _wait_for(lambda: jsonl.exists() and jsonl.read_text().count("\n") >= 2, proc), proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    last = _metrics(tmp_path)[-1]["step"]
+    latest = (tmp_path / "tiny-cpu" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"iter_{last:07d}" and "stop requested" in out
+
+
+def test_kill_during_save_leaves_previous_checkpoint(store, tmp_path):
+    from megatron_regdpo.train import main
+    from megatron_regdpo.training.checkpoint import Checkpointer
+
+    ckpts = tmp_path / "tiny-cpu" / "checkpoints"
+    proc = _start(store, tmp_path, 1000, "checkpoint.interval=1", "checkpoint.keep=2")
+    partial_after_first = lambda: (ckpts / "latest").exists() and any(ckpts.glob("*.partial"))  # noqa: E731
+    assert _wait_for(partial_after_first, proc), proc.communicate()[0]
+    proc.kill()
+    proc.wait()
+    latest = Checkpointer(ckpts).latest()
+    assert latest is not None and (latest / "metadata.json").is_file()
+    step = int(latest.name.split("_")[1])
+    assert main(_args(store, tmp_path, step + 1, "checkpoint.interval=1")) == 0   # resumes and continues
+    assert _metrics(tmp_path)[-1]["step"] == step + 1
