@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m megatron_regdpo.train --config recipes/debug/tiny_cpu.yaml
+	$(PY) -m megatron_regdpo.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -2,7 +2,10 @@
 """Convert Wan2.1 transformers between diffusers folders and Megatron-Core distributed checkpoints.
 
   python tools/convert_checkpoint.py import --hf DIR --out DIR [--verify]
-  python tools/convert_checkpoint.py export --ckpt DIR --out DIR [--verify] [--max-shard-gb N]
+  python tools/convert_checkpoint.py export --ckpt DIR --out DIR [--verify] [--max-shard-gb N] [--adapter-out DIR]
+
+A LoRA checkpoint (model.json has a "lora" entry) exports with its adapters merged; --adapter-out also writes
+the adapter alone as DIR/pytorch_lora_weights.safetensors, the PEFT format diffusers' load_lora_weights reads.
 
 --verify runs both models on the same random input (fp32) and exits 1 when the relative error of the
 output exceeds --tol (default 1e-5).
@@ -21,6 +24,7 @@ def main(argv=None) -> int:
     exp = sub.add_parser("export", help="Megatron distributed checkpoint -> diffusers folder")
     exp.add_argument("--ckpt", required=True)
     exp.add_argument("--max-shard-gb", type=float, default=5.0)
+    exp.add_argument("--adapter-out", default=None, help="also write the LoRA adapter alone (PEFT format) here")
     for p in (imp, exp):
         p.add_argument("--out", required=True)
         p.add_argument("--verify", action="store_true")
@@ -43,6 +47,11 @@ def _run(args, convert, pg) -> int:
         else:
             paths = convert.export_diffusers(args.ckpt, args.out, pg, int(args.max_shard_gb * 2**30))
             print(f"exported {args.ckpt} -> {args.out} ({len(paths)} safetensors file(s))")
+            if args.adapter_out:
+                from megatron_regdpo.models.wan.lora_export import write_peft_adapter
+
+                model, arch = convert.load_checkpoint(args.ckpt, pg)
+                print(f"wrote the LoRA adapter to {write_peft_adapter(model, arch, args.adapter_out)}")
             hf_dir, ckpt_dir = args.out, args.ckpt
         if args.verify:
             diff = convert.verify(hf_dir, ckpt_dir, pg)

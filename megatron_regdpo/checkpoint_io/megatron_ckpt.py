@@ -50,5 +50,8 @@ def read_meta(ckpt_dir: str | Path) -> dict:
 
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state, strict=True)
+    """The model's tensors from a model checkpoint or a training checkpoint (which also holds optimizer
+    and trainer state: dist_checkpointing returns those common entries too; they are not the model's)."""
+    wanted = model.sharded_state_dict()
+    state = dist_checkpointing.load(wanted, str(ckpt_dir))
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)

@@ -118,8 +118,8 @@ class LoraConfig(_Section):
     rank: int = 0  # 0 = full fine-tuning
     alpha: float = 32.0
     targets: tuple[str, ...] = (
-        "linear_qkv", "linear_proj", "linear_q", "linear_kv", "linear_fc1", "linear_fc2",
-    )
+        "linear_qkv", "linear_proj", "linear_q", "linear_kv", "linear_kv_img", "linear_fc1", "linear_fc2",
+    )  # every attention and FFN linear (the paper); linear_kv_img exists only in I2V models
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ newest `keep` checkpoints are kept. Parameters and optimizer state reshard on lo
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
 LATEST = "latest"
+META_FILE = "model.json"  # as checkpoint_io.megatron_ckpt writes it
 
 
 def _rank0() -> bool:
@@ -49,10 +51,13 @@ def _sharded_state(model_chunks: list, optimizer, trainer_state: dict | None, is
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, keep: int = 2):
+    """`meta` (model family, architecture, dtype) is written as model.json into every checkpoint, so
+    tools/convert_checkpoint.py can export a training checkpoint directly."""
+
+    def __init__(self, root: str | Path, keep: int = 2, meta: dict | None = None):
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-        self.root, self.keep = Path(root), keep
+        self.root, self.keep, self.meta = Path(root), keep, meta
 
     def latest(self) -> Path | None:
         marker = self.root / LATEST
@@ -74,6 +79,8 @@ class Checkpointer:
         dist_checkpointing.save(state, str(partial), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
         _barrier()
         if _rank0():
+            if self.meta is not None:
+                (partial / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
             partial.rename(final)
             tmp = self.root / f"{LATEST}.tmp"

@@ -15,6 +15,7 @@ from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.data.pairs import PairDataset
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan
+from megatron_regdpo.models.wan.convert import FAMILY
 from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
 from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
@@ -56,9 +57,10 @@ class TrainingRun:
                 self._ids = None
         raise RuntimeError("the sampler yields no batches")
 
-    def reference_batch(self, mb: dict, step: int) -> ReferenceBatch:
+    def reference_batch(self, mb: dict) -> ReferenceBatch:
         return ReferenceBatch(x_t=mb["x_t"], timestep=mb["timestep"], text=mb["text"], target=mb["target"],
-                              image=mb["image"], pair_ids=tuple(mb["pair_ids"]), seed=self.cfg.run.seed, step=step)
+                              image=mb["image"], pair_ids=tuple(mb["pair_ids"]), seed=self.cfg.run.seed,
+                              step=mb["noise_step"], draw=mb["draw"])
 
     def mean_loss(self, losses: list[dict]) -> float:
         """The step's loss on every rank: the last stage's mean over micro-batches, averaged over DP."""
@@ -123,8 +125,11 @@ def build_run(cfg, pg) -> TrainingRun:
     tokens, _ = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
     run = TrainingRun(
         cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference, dataset=dataset,
-        sampler=sampler, checkpointer=Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"),
-                                                   cfg.checkpoint.keep),
+        sampler=sampler, checkpointer=Checkpointer(
+            Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.checkpoint.keep,
+            meta={"family": FAMILY, "arch": dataclasses.asdict(arch), "dtype": str(dtype),
+                  "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)}
+                  if cfg.lora.rank > 0 else None}),
         run_dir=run_dir, device=device, dtype=dtype, tokens=tokens, dp_size=dp_size,
         settings=RegDPOSettings(cfg.objective.beta, cfg.objective.beta_convention, cfg.objective.dpo_weight,
                                 cfg.objective.sft_mode, cfg.objective.sft_weight),

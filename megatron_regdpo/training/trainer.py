@@ -53,11 +53,13 @@ def train(run, log) -> int:
         while step < cfg.schedule.train_steps:
             t0 = time.perf_counter()
             ids = run.next_pair_ids()
-            mbs = micro_batches(run.dataset, ids, per_micro, seed=cfg.run.seed, step=step, fm=run.flow_matching,
-                                device=run.device, dtype=run.dtype)
+            # noise key: the step itself; a cached reference fixes it to (cache step, draw = epoch)
+            noise_step, draw = run.reference.noise_key(step, run.sampler.epoch)
+            mbs = micro_batches(run.dataset, ids, per_micro, seed=cfg.run.seed, step=noise_step, draw=draw,
+                                fm=run.flow_matching, device=run.device, dtype=run.dtype)
             run.reference.begin_step()
             for mb in mbs:
-                mb["err_ref_w"], mb["err_ref_l"] = run.reference(run.reference_batch(mb, step))
+                mb["err_ref_w"], mb["err_ref_l"] = run.reference(run.reference_batch(mb))
             run.reference.end_step()
 
             set_lr(run.optimizer, lr := lr_at(step, cfg.optim, cfg.schedule))

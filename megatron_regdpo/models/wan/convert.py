@@ -13,6 +13,7 @@ from megatron_regdpo.checkpoint_io.engine import check_keys, to_ours, to_theirs
 from megatron_regdpo.checkpoint_io.hf_folder import HFReader, write_hf_folder
 from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model, read_meta, save_model
 
+from ..lora import apply_lora, merged_state_dict
 from .arch import WanArch
 from .build import build_wan
 from .mapping import IGNORED_DIFFUSERS_KEYS, wan_rules
@@ -55,6 +56,8 @@ def load_checkpoint(ckpt_dir: str | Path, pg, params_dtype: torch.dtype | None =
     arch = arch_from_meta(meta)
     dtype = params_dtype or getattr(torch, meta.get("dtype", "torch.float32").removeprefix("torch."))
     model = build_wan(arch, pg, params_dtype=dtype, init_weights=False)
+    if meta.get("lora"):  # a LoRA checkpoint: rebuild the adapters it holds (else they would be dropped)
+        apply_lora(model, meta["lora"]["rank"], meta["lora"]["alpha"], tuple(meta["lora"]["targets"]))
     load_model(model, ckpt_dir)
     return model, arch
 
@@ -64,7 +67,7 @@ def export_diffusers(ckpt_dir: str | Path, out_dir: str | Path, pg, max_shard_by
     import diffusers
 
     model, arch = load_checkpoint(ckpt_dir, pg)
-    params = model.state_dict()
+    params = merged_state_dict(model)  # adapters (if any) merged into the base weights
     config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers.__version__,
               **arch.diffusers_config()}
     stream = to_theirs(wan_rules(arch), params.__getitem__, arch.num_heads)

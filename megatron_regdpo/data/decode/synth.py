@@ -1,0 +1,117 @@
+"""Synthetic test videos written with PyAV: smooth moving content, every frame different and identifiable.
+
+Used by the tests, the demo and tools/bench_decode.py. `ENCODERS` maps a codec to the FFmpeg encoders that
+can write it, in order; `encoder_for` says which one this PyAV build has (None if none).
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+ENCODERS = {
+    "vp9": (("libvpx-vp9", {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}),),
+    "vp8": (("libvpx", {"deadline": "realtime", "cpu-used": "8"}),),
+    "mjpeg": (("mjpeg", {}),),
+    "h264": (("libx264", {"preset": "ultrafast"}), ("libopenh264", {}), ("h264", {})),
+    "hevc": (("libx265", {"preset": "ultrafast", "x265-params": "log-level=none"}), ("hevc", {})),
+    "av1": (("libsvtav1", {"preset": "12"}), ("libaom-av1", {"cpu-used": "8"})),
+    "ffv1": (("ffv1", {}),),
+}
+_PIX_FMT = {"mjpeg": "yuvj420p"}
+
+
+def encoder_for(codec: str) -> tuple[str, dict] | None:
+    import av
+
+    for name, options in ENCODERS.get(codec, ()):
+        try:
+            av.codec.Codec(name, "w")
+        except Exception:  # UnknownCodecError
+            continue
+        return name, options
+    return None
+
+
+def frame_pattern(i: int, width: int, height: int) -> np.ndarray:
+    """uint8 [H, W, 3]: gradients plus a bright bar that moves 3 rows per frame (so frames are distinct)."""
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    phase = 0.15 * i
+    rgb = np.stack([0.5 + 0.4 * np.sin(2 * np.pi * (x + phase)) + 0 * y,
+                    0.5 + 0.4 * np.cos(2 * np.pi * (y + 0.5 * phase)) + 0 * x,
+                    np.full((height, width), (i * 0.037) % 1.0, np.float32)], axis=-1)
+    img = (rgb * 255).astype(np.uint8)
+    row = (3 * i) % max(1, height - 4)
+    img[row:row + 4] = 255
+    return img
+
+
+def write_video(path: str | Path, codec: str, width: int, height: int, frames: int, fps: float,
+                container_format: str | None = None) -> Path:
+    """Write `frames` frames of `frame_pattern` at `fps`; ValueError if this PyAV has no encoder for `codec`."""
+    import av
+
+    enc = encoder_for(codec)
+    if enc is None:
+        raise ValueError(f"no encoder for codec {codec!r} in this PyAV build (tried "
+                         f"{[n for n, _ in ENCODERS.get(codec, ())]})")
+    name, options = enc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format=container_format) as out:
+        stream = out.add_stream(name, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = _PIX_FMT.get(codec, "yuv420p")
+        stream.options = dict(options)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(frame_pattern(i, width, height), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+# name -> (codec, extension, width, height, frames, fps): a small set for tests and demos, each long enough
+# for 9 frames at 8 fps, with odd sizes and rates; `make_test_clips` adds broken files beside them.
+TEST_CLIPS = {
+    "vp9": ("vp9", "webm", 96, 64, 40, 24),
+    "vp8": ("vp8", "webm", 96, 64, 40, 30000 / 1001),
+    "mjpeg": ("mjpeg", "avi", 64, 96, 30, 25),
+    "h264": ("h264", "mp4", 80, 64, 40, 30),
+    "odd": ("vp9", "webm", 95, 63, 16, 12.5),
+}
+
+
+def write_audio_only(path: str | Path) -> Path:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mp2", rate=44100)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.int16), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = 44100, i * 1152
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return Path(path)
+
+
+def make_test_clips(folder: str | Path, names=tuple(TEST_CLIPS)) -> dict[str, Path]:
+    """TEST_CLIPS whose encoder this PyAV has (the others are absent) + truncated, random, zero, audio_only."""
+    import os
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {name: write_video(folder / f"{name}.{ext}", codec, w, h, n, fps)
+           for name, (codec, ext, w, h, n, fps) in TEST_CLIPS.items() if name in names and encoder_for(codec)}
+    data = write_video(folder / "truncated.webm", "vp9", 96, 64, 40, 24).read_bytes()
+    (folder / "truncated.webm").write_bytes(data[: len(data) * 2 // 5])
+    (folder / "random.mp4").write_bytes(os.urandom(4096))
+    (folder / "zero.mp4").write_bytes(b"")
+    out.update(truncated=folder / "truncated.webm", random=folder / "random.mp4", zero=folder / "zero.mp4",
+               audio_only=write_audio_only(folder / "audio_only.mp2"))
+    return out

@@ -1,0 +1,93 @@
+"""Bad input: the exception that skips one file, and the JSONL report that records why.
+
+One bad file never stops a run: preprocessing catches `BadInput`, writes one line to the report and goes on.
+Everything else (a full disk, a wrong option) is a real error and propagates.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+# The closed set of reasons, so summaries and tests can count them.
+REASONS = (
+    "zero_length",        # the file has no bytes
+    "corrupt",            # no container or stream could be opened / no packets
+    "truncated",          # the stream ends before the duration its container declares
+    "no_video_stream",    # e.g. an audio-only file
+    "unsupported_codec",  # no decoder backend allowed for this codec can decode it here
+    "too_short",          # fewer frames than needed at the target fps
+    "too_small",          # short side below the configured minimum
+    "decode_error",       # every allowed backend failed while decoding
+    "no_caption",         # no <name>.txt and no captions.jsonl entry, or an empty caption
+    "no_real_clip",       # an imported negative names a real clip that is not in the store
+    "unexpected_error",   # any other exception while reading/encoding this one file (logged with traceback)
+)
+MAX_UNEXPECTED_IN_A_ROW = 5  # then it is not the files: stop the run rather than skip a whole data set
+
+
+class BadInput(Exception):
+    """One input that is skipped, with a reason from REASONS and a detail for humans."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str):
+        assert reason in REASONS, reason
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}: {detail}")
+
+
+class SkipReport:
+    """Appends one JSON line per skipped input to `path` (when given) and counts reasons."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.counts: Counter[str] = Counter()
+        self._unexpected_in_a_row = 0
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def attempt(self, path: str | Path, stage: str, fn, *args):
+        """fn(*args), or None after recording why this input is skipped. Exceptions other than BadInput
+        are skipped too (one odd file must not end a long run) unless MAX_UNEXPECTED_IN_A_ROW happen in a row."""
+        try:
+            result = fn(*args)
+        except BadInput as e:
+            self.add(e, stage)
+            return None
+        except Exception as e:  # noqa: BLE001 - deliberately broad, bounded by the streak below
+            self._unexpected_in_a_row += 1
+            if self._unexpected_in_a_row >= MAX_UNEXPECTED_IN_A_ROW:
+                raise
+            logging.getLogger("megatron_regdpo.data").warning("%s: unexpected error, skipped", path, exc_info=True)
+            self.add(BadInput(path, "unexpected_error", f"{type(e).__name__}: {e}"), stage)
+            return None
+        self._unexpected_in_a_row = 0
+        return result
+
+    def add(self, err: BadInput, stage: str) -> None:
+        self.counts[err.reason] += 1
+        if self.path:
+            line = {"file": err.path, "reason": err.reason, "detail": err.detail, "stage": stage,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with self.path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "skipped 0"
+        parts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.counts.items()))
+        where = f" (see {self.path})" if self.path else ""
+        return f"skipped {self.total}: {parts}{where}"
+
+
+def read_report(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class DecodeFailure(RuntimeError):
+    """A decoder backend failed on a file that probed fine; the next backend in the preference list is tried."""

@@ -1,0 +1,80 @@
+"""PairSampler: which pairs each data-parallel rank trains on at each step.
+
+- A step's global batch is `micro_batch * dp_size` pairs of ONE latent shape (a batch never mixes shapes);
+  data-parallel rank r takes the r-th slice, so ranks are disjoint, and every rank of a model-parallel
+  group (same dp_rank) gets the same ids without any communication.
+- Deterministic in (seed, epoch, dp_rank): each epoch shuffles the pairs within each shape, cuts them into
+  global batches (dropping each shape's remainder), and shuffles the batch order.
+- `state_dict` = (epoch, steps taken in it) + a fingerprint of the pair list: resuming mid-epoch continues
+  exactly, and resuming against a different pair list is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+
+class PairSampler:
+    def __init__(self, shapes: Sequence[Sequence[int]], micro_batch: int, dp_rank: int, dp_size: int,
+                 seed: int = 0, shuffle: bool = True):
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch={micro_batch} must be >= 1")
+        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.step = 0, 0
+        self.fingerprint = hashlib.sha256(repr(self.shapes).encode()).hexdigest()[:16]
+        if self.steps_per_epoch() == 0:
+            sizes = {s: self.shapes.count(s) for s in set(self.shapes)}
+            raise ValueError(f"no latent shape has the {micro_batch * dp_size} pairs one global batch needs "
+                             f"(micro_batch {micro_batch} x dp_size {dp_size}); pairs per shape: {sizes}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.dp_size
+
+    def steps_per_epoch(self) -> int:
+        counts: dict[tuple, int] = {}
+        for s in self.shapes:
+            counts[s] = counts.get(s, 0) + 1
+        return sum(n // self.global_batch for n in counts.values())
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """Every global batch of `epoch`, in order (the same on every rank)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        by_shape: dict[tuple, list[int]] = {}
+        for i, s in enumerate(self.shapes):
+            by_shape.setdefault(s, []).append(i)
+        batches = []
+        for shape in sorted(by_shape):
+            ids = np.array(by_shape[shape])
+            if self.shuffle:
+                ids = rng.permutation(ids)
+            usable = len(ids) // self.global_batch * self.global_batch
+            batches += [ids[j:j + self.global_batch].tolist() for j in range(0, usable, self.global_batch)]
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """This rank's micro-batches from the current position to the end of the epoch, then the next epoch."""
+        batches = self.global_batches(self.epoch)
+        lo = self.dp_rank * self.micro_batch
+        while self.step < len(batches):
+            ids = batches[self.step][lo:lo + self.micro_batch]
+            self.step += 1
+            yield ids
+        self.epoch, self.step = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint or state["seed"] != self.seed:
+            raise ValueError(f"sampler state is for another pair list or seed (fingerprint {state['fingerprint']}, "
+                             f"seed {state['seed']}); this sampler has {self.fingerprint}, seed {self.seed}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])

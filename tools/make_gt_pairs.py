@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Make the losers of the GT-Pairs in a store written by tools/preprocess_videos.py.
+
+  # K negatives per real clip from the base model (a Megatron checkpoint, or a random debug model for tests)
+  python tools/make_gt_pairs.py generate --store STORE (--ckpt DIR | --random-debug) [-k 1] [--steps 50]
+      [--solver unipc|euler] [--shift 5] [--guidance 5] [--seed 0] [--generator NAME] [--device cpu|cuda]
+  # negatives made by other generators: DIR/<generator>/<real_id>.<ext>
+  python tools/make_gt_pairs.py import --store STORE --from DIR [--vae PATH] [--report FILE]
+
+Both are resumable and finish by rewriting the pair index. Exit 0 on success, 2 on a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    gen = sub.add_parser("generate", help="sample negatives with the base model")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="Megatron distributed checkpoint of the base model (tools/convert_checkpoint.py)")
+    src.add_argument("--random-debug", action="store_true", help="a seeded random `debug` Wan (tests, demo)")
+    gen.add_argument("-k", "--negatives-per-clip", type=int, default=1)
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
+    gen.add_argument("--shift", type=float, default=5.0)
+    gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--generator", help="name recorded in the pair index (default: base, or debug-random)")
+    gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    imp = sub.add_parser("import", help="import negatives made by other generators")
+    imp.add_argument("--from", dest="folder", required=True, help="DIR/<generator>/<real_id>.<ext>")
+    imp.add_argument("--vae", help="VAE folder (default: the one recorded in the store)")
+    imp.add_argument("--report", help="JSONL of skipped files (default STORE/skipped_negatives.jsonl)")
+    for p in (gen, imp):
+        p.add_argument("--store", required=True)
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        p.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def generate(args, store) -> str:
+    import torch
+
+    from megatron_regdpo.data.negatives import SamplerOptions, debug_arch_for, generate_negatives
+    from megatron_regdpo.models.wan.build import build_wan
+    from megatron_regdpo.models.wan.convert import load_checkpoint
+    from megatron_regdpo.parallel.groups import distributed_session
+
+    opts = SamplerOptions(steps=args.steps, solver=args.solver, shift=args.shift, guidance=args.guidance,
+                          negatives_per_clip=args.negatives_per_clip, seed=args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    with distributed_session() as pg:
+        if args.ckpt:
+            model, arch = load_checkpoint(args.ckpt, pg, params_dtype=dtype)
+        else:
+            arch = debug_arch_for(store.attrs)
+            torch.manual_seed(args.seed)
+            model = build_wan(arch, pg, params_dtype=dtype)
+        model = model.to(args.device)
+        name = args.generator or ("base" if args.ckpt else "debug-random")
+        result = generate_negatives(store, model, arch, opts, name, args.device, dtype, not args.no_progress)
+    return (f"generated {result['generated']} negatives ({name}) in {result['seconds']} s; "
+            f"{result['already']} already there")
+
+
+def import_(args, store) -> str:
+    from megatron_regdpo.data.encode import WanVAE
+    from megatron_regdpo.data.errors import SkipReport
+    from megatron_regdpo.data.negatives import decode_options_of, import_negatives
+
+    vae = WanVAE.load(args.vae or store.attrs["vae"]["path"], args.device)
+    report_path = Path(args.report or Path(args.store) / "skipped_negatives.jsonl")
+    report_path.unlink(missing_ok=True)
+    report = SkipReport(report_path)
+    result = import_negatives(store, args.folder, vae, report, decode_options_of(store.attrs, args.device),
+                              not args.no_progress)
+    return (f"imported {result['imported']} negatives {result['per_generator']} in {result['seconds']} s; "
+            f"{result['already']} already there; {report.summary()}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from megatron_regdpo.data.progress import quiet_library_logs
+    from megatron_regdpo.data.store import GTPairStore
+
+    quiet_library_logs()
+    try:
+        store = GTPairStore(args.store, mode="a")
+        print(generate(args, store) if args.cmd == "generate" else import_(args, store))
+        print(f"pair index: {len(store.pair_index())} pairs")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
