@@ -158,6 +158,12 @@ class LoggingConfig(_Section):
 
 
 @dataclass(frozen=True)
+class EvalConfig(_Section):
+    interval: int = 0        # steps between evaluations; 0 = never
+    holdout_pairs: int = 0   # the last N pairs of the store's pair index, never trained on
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     run: RunConfig
     model: ModelConfig
@@ -170,3 +176,4 @@ class Config(_Section):
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

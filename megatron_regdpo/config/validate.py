@@ -155,6 +155,13 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
         errors.append(f"objective.reference.mode='lora_base' needs LoRA (lora.rank > 0), got rank={lora.rank}")
     if cfg.objective.beta <= 0:
         errors.append(f"objective.beta must be > 0, got {cfg.objective.beta}")
+    if cfg.eval.interval < 0 or cfg.eval.holdout_pairs < 0:
+        errors.append(f"eval.interval and eval.holdout_pairs must be >= 0, got {cfg.eval.interval}, "
+                      f"{cfg.eval.holdout_pairs}")
+    if cfg.eval.interval > 0 and cfg.eval.holdout_pairs == 0:
+        errors.append(f"eval.interval={cfg.eval.interval} needs held-out pairs (eval.holdout_pairs > 0)")
+    if cfg.logging.interval < 1:
+        errors.append(f"logging.interval must be >= 1, got {cfg.logging.interval}")
     if cfg.objective.sft_mode == "dgr" and cfg.objective.sft_weight != 1.0:
         errors.append(f"objective.sft_weight={cfg.objective.sft_weight} has no effect with sft_mode='dgr' "
                       f"(r = DGR); use sft_mode='dgr_scaled' to scale the DGR")

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("loss/", "dpo/", "optim/", "throughput/", "memory/", "time/")
+PREFIXES = ("loss/", "dpo/", "optim/", "throughput/", "memory/", "time/", "eval/")
 _BARE_OBJECTIVE_NAMES = ("err_pol_w", "err_pol_l", "err_ref_w", "err_ref_l")  # reg_dpo_metrics leaves these bare
 OBJECTIVE_NAMES = (
     "loss/total", "loss/dpo", "loss/sft",

@@ -13,6 +13,7 @@ from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
 from megatron_regdpo.config import video_tokens
 from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.data.pairs import PairDataset
+from megatron_regdpo.data.sampler import PairSampler
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan
 from megatron_regdpo.models.wan.convert import FAMILY
@@ -43,6 +44,8 @@ class TrainingRun:
     dp_size: int
     settings: RegDPOSettings
     flow_matching: FlowMatchingSettings
+    train_ids: list = dataclasses.field(default_factory=list)   # sampler index -> pair id
+    eval_ids: list = dataclasses.field(default_factory=list)    # held-out pair ids
     start_step: int = 0
     skipped_total: int = 0
     _ids: object = None
@@ -52,7 +55,7 @@ class TrainingRun:
             if self._ids is None:
                 self._ids = iter(self.sampler)
             try:
-                return next(self._ids)
+                return [self.train_ids[i] for i in next(self._ids)]
             except StopIteration:
                 self._ids = None
         raise RuntimeError("the sampler yields no batches")
@@ -121,7 +124,13 @@ def build_run(cfg, pg) -> TrainingRun:
     dataset = PairDataset(cfg.data.store)
     dp_size, dp_rank = dist.get_world_size(pg.dp), dist.get_rank(pg.dp)
     per_rank = cfg.data.global_batch_pairs // dp_size
-    sampler = dataset.sampler(per_rank, dp_rank, dp_size, seed=cfg.run.seed)
+    hold = cfg.eval.holdout_pairs
+    if hold >= len(dataset):
+        raise ValueError(f"eval.holdout_pairs={hold} leaves nothing to train on: {cfg.data.store} has "
+                         f"{len(dataset)} pairs")
+    train_ids, eval_ids = list(range(len(dataset) - hold)), list(range(len(dataset) - hold, len(dataset)))
+    shapes = dataset.shapes()
+    sampler = PairSampler([shapes[i] for i in train_ids], per_rank, dp_rank, dp_size, seed=cfg.run.seed)
     tokens, _ = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
     run = TrainingRun(
         cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference, dataset=dataset,
@@ -133,7 +142,7 @@ def build_run(cfg, pg) -> TrainingRun:
         run_dir=run_dir, device=device, dtype=dtype, tokens=tokens, dp_size=dp_size,
         settings=RegDPOSettings(cfg.objective.beta, cfg.objective.beta_convention, cfg.objective.dpo_weight,
                                 cfg.objective.sft_mode, cfg.objective.sft_weight),
-        flow_matching=fm)
+        flow_matching=fm, train_ids=train_ids, eval_ids=eval_ids)
     latest = run.checkpointer.latest()
     if latest is not None:
         state = run.checkpointer.load(latest, run.model_chunks, optimizer)

@@ -43,6 +43,33 @@ class StopRequested:
             signal.signal(s, handler)
 
 
+def evaluate(run) -> dict:
+    """Preference accuracy on the held-out pairs (share with s < 0) and their mean DPO loss: a
+    forward-only pass through the same schedule, every layout included."""
+    cfg, per_micro = run.cfg, run.cfg.data.micro_batch_pairs
+    dp_rank = dist.get_rank(run.pg.dp)
+    ids = run.eval_ids[dp_rank::run.dp_size]
+    # the step-0 key at every evaluation: the same noise each time (held-out ids never meet it in training),
+    # and for the cached reference the key its cache holds
+    noise_step, draw = run.reference.noise_key(0, 0)
+    collected: list[dict] = []
+    with torch.no_grad():
+        for start in range(0, len(ids), per_micro):
+            mbs = micro_batches(run.dataset, ids[start:start + per_micro], per_micro, seed=cfg.run.seed,
+                                step=noise_step, draw=draw, fm=run.flow_matching, device=run.device, dtype=run.dtype)
+            for mb in mbs:
+                mb["err_ref_w"], mb["err_ref_l"] = run.reference(run.reference_batch(mb))
+            forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, collected.append),
+                             iter(mbs), num_microbatches=len(mbs), tokens=run.tokens, micro_batch_size=2 * per_micro,
+                             pg_collection=run.pg, forward_only=True)
+    if not collected:  # not the last pipeline stage: the loss lives there (as does the metrics writer)
+        return {}
+    keys = ("dpo/implicit_acc", "loss/dpo", "dpo/reward_margin")
+    local = reduce_over_group({k: sum(m[k] for m in collected) / len(collected) for k in keys}, run.pg.dp,
+                              num_pairs=len(ids))
+    return {f"eval/{k.split('/')[-1]}": v for k, v in local.items()}
+
+
 def train(run, log) -> int:
     """`run`: a setup.TrainingRun (model, optimizer, data, reference, checkpointer, config)."""
     cfg, stop = run.cfg, StopRequested()
@@ -81,6 +108,8 @@ def train(run, log) -> int:
             metrics = step_metrics({**objective, "loss/total": loss}, step=step, lr=lr, grad_norm=grad_norm,
                                    skipped_steps=run.skipped_total, pairs=len(ids) * run.dp_size,
                                    step_s=time.perf_counter() - t0, peak_gb=peak_memory_gb(run.device))
+            if cfg.eval.interval and step % cfg.eval.interval == 0:
+                metrics.update(evaluate(run))   # one record per step: eval/ joins the step's line
             log.log(metrics)
             if "dpo/dgr" in metrics:
                 alarm.update(metrics["dpo/dgr"], step)

@@ -138,3 +138,22 @@ def test_kill_during_save_leaves_previous_checkpoint(store, tmp_path):
     step = int(latest.name.split("_")[1])
     assert main(_args(store, tmp_path, step + 1, "checkpoint.interval=1")) == 0   # resumes and continues
     assert _metrics(tmp_path)[-1]["step"] == step + 1
+
+
+def test_recompute_modes_give_identical_steps(store, tmp_path):
+    from megatron_regdpo.train import main
+
+    runs = {}
+    for mode in ("none", "selective", "full"):
+        assert main(_args(store, tmp_path / mode, 2, f"model.recompute={mode}")) == 0
+        runs[mode] = [(m["loss/total"], m["optim/grad_norm"]) for m in _metrics(tmp_path / mode)]
+    assert runs["none"] == runs["selective"] == runs["full"]
+
+
+def test_eval_scores_held_out_pairs(store, tmp_path):
+    from megatron_regdpo.train import main
+
+    assert main(_args(store, tmp_path, 4, "eval.interval=2", "eval.holdout_pairs=1")) == 0
+    evals = [m for m in _metrics(tmp_path) if "eval/implicit_acc" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert all(0.0 <= m["eval/implicit_acc"] <= 1.0 and m["eval/dpo"] > 0 for m in evals)

@@ -14,6 +14,7 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -85,6 +86,8 @@ class _WanAttentionBase(MegatronModule):
     def __init__(self, config, submodules, layer_number: int, pg_collection, attention_type: str):
         super().__init__(config=config)
         self.tp_group = pg_collection.tp
+        self.recompute_core_attention = (config.recompute_granularity == "selective"
+                                         and "core_attn" in (config.recompute_modules or []))
         tp = torch.distributed.get_world_size(self.tp_group)
         self.heads, self.head_dim = config.num_attention_heads // tp, config.kv_channels
         d = config.hidden_size
@@ -98,6 +101,13 @@ class _WanAttentionBase(MegatronModule):
             submodules.linear_proj, d, d, config=config, init_method=config.output_layer_init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False,
             tp_comm_buffer_name="proj", tp_group=self.tp_group)
+
+    def _attend(self, q, k, v):
+        """Core attention; under selective recompute its activations are recomputed in backward
+        (megatron-core's `recompute_granularity: selective`, modules ["core_attn"])."""
+        if self.recompute_core_attention and self.training and torch.is_grad_enabled():
+            return tensor_parallel.checkpoint(self.core_attention, False, q, k, v)
+        return self.core_attention(q, k, v, attention_mask=None)
 
     def _column(self, spec, in_size, out_size, config, name):
         return build_module(
@@ -121,7 +131,7 @@ class WanSelfAttention(_WanAttentionBase):
         q, k, v = self._heads(qkv, 3)
         q = apply_rope(self._normed(self.q_norm, q), rope)
         k = apply_rope(self._normed(self.k_norm, k), rope)
-        out, _ = self.linear_proj(self.core_attention(q, k, v.contiguous(), attention_mask=None))
+        out, _ = self.linear_proj(self._attend(q, k, v.contiguous()))
         return out
 
 
@@ -148,11 +158,11 @@ class WanCrossAttention(_WanAttentionBase):
         q = self._normed(self.q_norm, q.unflatten(-1, (self.heads, self.head_dim)))
         kv, _ = self.linear_kv(txt_TBD)
         k, v = self._heads(kv, 2)
-        out = self.core_attention(q, self._normed(self.k_norm, k), v.contiguous(), attention_mask=None)
+        out = self._attend(q, self._normed(self.k_norm, k), v.contiguous())
         if self.image_tokens:
             kv_img, _ = self.linear_kv_img(img_TBD)
             k_img, v_img = self._heads(kv_img, 2)
             k_img = self._normed(self.k_img_norm, k_img)
-            out = out + self.core_attention(q, k_img, v_img.contiguous(), attention_mask=None)
+            out = out + self._attend(q, k_img, v_img.contiguous())
         out, _ = self.linear_proj(out)
         return out
