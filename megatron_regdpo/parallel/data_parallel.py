@@ -27,6 +27,9 @@ def wrap_data_parallel(model: torch.nn.Module, parallel, pg_collection) -> torch
                              "parallel.distributed_optimizer=true, which shards the optimizer state the same way")
         from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
 
+        # the unit of sharding is the model's block class (megatron-core's default, TransformerLayer,
+        # matches no module of a Wan model and leaves nothing to shard)
         return FullyShardedDataParallel(config=model.config, ddp_config=cfg, module=model,
-                                        pg_collection=pg_collection)
+                                        pg_collection=pg_collection,
+                                        fsdp_unit_modules=list(getattr(model, "fsdp_unit_modules", ())))
     return DistributedDataParallel(config=model.config, ddp_config=cfg, module=model, pg_collection=pg_collection)

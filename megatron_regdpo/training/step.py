@@ -40,7 +40,7 @@ def make_forward_step(settings: RegDPOSettings, cp_group, on_metrics: Callable[[
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
         model = unwrap(model_chunk)
-        out_BSP = model.forward_tokens(mb["x_t"], mb["timestep"], mb["text"], mb.get("image"))
+        out_BSP = model_chunk(mb["x_t"], mb["timestep"], mb["text"], mb.get("image"), return_tokens=True)
 
         def loss_func(out: torch.Tensor):
             target = model.cp_chunk(model.patchify(mb["target"]))

@@ -120,7 +120,7 @@ def run_case(layout: dict, payload: dict) -> dict:
     def forward_step(data_iterator, chunk):
         pair_id = next(data_iterator)
         b = {k: None if v is None else v.to(device) for k, v in payload["pairs"][pair_id].items()}
-        out = model.forward_tokens(b["x"], b["t"], b["text"], b["image"])
+        out = chunk(b["x"], b["t"], b["text"], b["image"], return_tokens=True)  # through the DDP wrapper
 
         def loss_func(out_BSP):
             target = model.cp_chunk(model.patchify(b["target"]))
@@ -140,14 +140,20 @@ def run_case(layout: dict, payload: dict) -> dict:
     result = {"layout": layout, "outputs": outputs, "errs": errs,
               "losses": {p: l["loss"] for p, l in zip(my_pairs, losses)} if losses else {},
               "coords": {"tp": _rank(pg.tp), "pp": _rank(pg.pp), "cp": _rank(pg.cp), "dp": dp_rank}}
-    if not par.distributed_optimizer:
+    if not (par.distributed_optimizer or par.fsdp):  # sharded gradients are compared through the step
         result["grads"] = {names[n]: _unshard(p.main_grad, p, pg.tp).cpu() for n, p in model.named_parameters()}
     if layout.get("step"):
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, adam_eps=1e-3, clip_grad=0.0,
                                                      use_distributed_optimizer=par.distributed_optimizer), [ddp],
                                      use_gloo_process_groups=False)
         opt.step()
-        result["params"] = {names[n]: _unshard(p, p, pg.tp).cpu() for n, p in model.named_parameters()}
+        def full(p):  # Megatron-FSDP holds parameters as uneven DTensor shards
+            if not hasattr(p, "full_tensor"):
+                return p
+            from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import (
+                gather_uneven_dtensor_to_full_tensor)
+            return gather_uneven_dtensor_to_full_tensor(p).to_local()
+        result["params"] = {names[n]: _unshard(full(p), p, pg.tp).cpu() for n, p in model.named_parameters()}
     return result
 
 

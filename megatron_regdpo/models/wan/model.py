@@ -28,6 +28,7 @@ from megatron_regdpo.parallel.context import chunk_bounds, gather_replicated, su
 
 from .arch import WanArch
 from .embeddings import ConditionEmbedder, Rope3D
+from .layer import WanLayer
 
 CONDITION_INIT_SEED = 20251103  # same conditioning weights on every pipeline stage at random init
 
@@ -37,6 +38,7 @@ class WanModel(MegatronModule):
     # embedding tied to an output layer, so nothing is shared between the first and last stage
     model_type = ModelType.encoder_or_decoder
     share_embeddings_and_output_weights = False
+    fsdp_unit_modules = (WanLayer,)  # Megatron-FSDP shards and gathers parameters one block at a time
 
     def __init__(self, config, arch: WanArch, layer_spec, pg_collection,
                  pre_process: bool = True, post_process: bool = True, vp_stage=None):
@@ -106,10 +108,12 @@ class WanModel(MegatronModule):
                                                          group=self.tp_group)
         return self.head(x_SBD, temb_BD)
 
-    def forward(self, latents_BCFHW, timestep_B, text_BTE, image_BIE=None) -> torch.Tensor:
-        """Predicted velocity [B, C_out, F, H, W] for the whole clip (gathered over CP) on the last stage."""
+    def forward(self, latents_BCFHW, timestep_B, text_BTE, image_BIE=None, return_tokens: bool = False):
+        """Predicted velocity [B, C_out, F, H, W] for the whole clip (gathered over CP) on the last stage;
+        with `return_tokens`, this rank's token chunk as `forward_tokens` gives it (what training uses:
+        calling the model, not the method, lets DDP/FSDP wrappers run their forward hooks)."""
         out_BSP = self.forward_tokens(latents_BCFHW, timestep_B, text_BTE, image_BIE)
-        if not self.post_process:
+        if return_tokens or not self.post_process:
             return out_BSP
         out_BSP = gather_replicated(out_BSP, self.cp_group, dim=1)
         return self.unpatchify(out_BSP, self.token_grid(latents_BCFHW.shape))
