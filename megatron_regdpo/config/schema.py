@@ -91,7 +91,6 @@ class DataConfig(_Section):
     text_len: int = 512
     micro_batch_pairs: int = 1  # one pair = (preferred, rejected) clip for the same prompt
     global_batch_pairs: int = 8
-    num_workers: int = 2
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,11 @@ def build_run(cfg, pg) -> TrainingRun:
     if cfg.data.store is None:
         raise ValueError("data.store is not set: point it at a GT-Pair store (tools/preprocess_videos.py, "
                          "tools/make_gt_pairs.py)")
+    if cfg.parallel.virtual_pp:
+        raise ValueError(f"parallel.virtual_pp={cfg.parallel.virtual_pp}: the interleaved schedule is checked by "
+                         f"--dry-run, but the trainer builds one model chunk per stage; unset it")
+    if cfg.checkpoint.async_save:
+        raise ValueError("checkpoint.async_save=true is not supported yet: saves are synchronous (and atomic)")
     if cfg.parallel.pp > 1 and cfg.objective.reference.mode != "cached":
         raise ValueError(f"parallel.pp={cfg.parallel.pp} needs objective.reference.mode='cached' for now "
                          f"(the reference forward runs whole-model on each rank), got "

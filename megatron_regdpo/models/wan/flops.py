@@ -99,7 +99,7 @@ def wan_step_flops(arch: WanArch, latent_fhw: tuple[int, int, int], text_tokens:
                  first time-MLP linear need no input gradient (the latents, text embeddings and
                  sinusoid are data), and with frozen base weights (LoRA) no weight gradient is taken.
       reference  the reference model's forward of the same 2*pairs samples, when it runs one
-                 (LoRA adapters off, swapped or resident weights); 0 when its errors are precomputed.
+                 (reference.mode lora_base, resident or cpu_swap); 0 when they are cached.
       recompute  what activation recompute runs again during the backward: "full" = one more forward
                  of the L blocks, "selective" = one more forward of the core attention (self and
                  cross), "none" = 0. Flash kernels' own recompute of QK^T in their backward is not added.
