@@ -42,9 +42,10 @@ COMPONENT_MODULES = {
 }
 
 
-@functools.cache
-def _model(arch, pg, recompute="none"):
-    return build_wan(arch, pg, recompute=recompute)
+@pytest.fixture(scope="module")
+def model(pg):
+    """model(arch, recompute="none"): build_wan's model, built once per (arch, recompute)."""
+    return functools.cache(lambda arch, recompute="none": build_wan(arch, pg, recompute=recompute))
 
 
 def _inputs(arch, batch, fhw, text_tokens):
@@ -92,10 +93,9 @@ CASES = [  # (arch, batch, latent (F, H, W), text tokens)
 
 
 @pytest.mark.parametrize("arch,batch,fhw,text_tokens", CASES)
-def test_forward_matches_torch_counter_per_component(pg, arch, batch, fhw, text_tokens):
-    model = _model(arch, pg)
+def test_forward_matches_torch_counter_per_component(model, arch, batch, fhw, text_tokens):
     with torch.no_grad():
-        counter = _count(model, _inputs(arch, batch, fhw, text_tokens), backward=False)
+        counter = _count(model(arch), _inputs(arch, batch, fhw, text_tokens), backward=False)
     expected = wan_forward_flops(arch, batch, fhw, text_tokens)
     per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     measured = {comp: sum(v for name, v in per_module.items() if re.fullmatch(pattern, name))
@@ -105,12 +105,11 @@ def test_forward_matches_torch_counter_per_component(pg, arch, batch, fhw, text_
 
 
 @pytest.mark.parametrize("arch,batch,fhw,text_tokens", [CASES[1], CASES[4]])
-def test_backward_is_twice_forward_except_data_inputs(pg, arch, batch, fhw, text_tokens):
+def test_backward_is_twice_forward_except_data_inputs(model, arch, batch, fhw, text_tokens):
     """Exactly: forward + backward = 3 * forward - (patch_embed + first text linear + first time linear).
     Every matmul's backward costs two matmuls of its size (input and weight gradient; bias gradients are
     sums, not counted), SDPA's math path included; the three whose input is data skip the input one."""
-    model = _model(arch, pg)
-    counter = _count(model, _inputs(arch, batch, fhw, text_tokens), backward=True)
+    counter = _count(model(arch), _inputs(arch, batch, fhw, text_tokens), backward=True)
     fwd = wan_forward_flops(arch, batch, fhw, text_tokens)
     d = arch.hidden
     data_input = fwd["patch_embed"] + 2 * batch * text_tokens * arch.text_dim * d + 2 * batch * arch.freq_dim * d
@@ -119,13 +118,13 @@ def test_backward_is_twice_forward_except_data_inputs(pg, arch, batch, fhw, text
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_recompute_term_matches_torch_counter(pg, recompute):
+def test_recompute_term_matches_torch_counter(model, recompute):
     """The extra work measured under recompute is exactly wan_step_flops' `recompute` term."""
     arch, fhw, text_tokens = I2V, (3, 4, 6), 5
     inputs = _inputs(arch, 2, fhw, text_tokens)
-    base = _count(_model(arch, pg), inputs, backward=True).get_total_flops()
-    assert _count(_model(arch, pg), inputs, backward=True, counter=_TotalFlops()).get_total_flops() == base
-    with_recompute = _count(_model(arch, pg, recompute), inputs, backward=True, counter=_TotalFlops()).get_total_flops()
+    base = _count(model(arch), inputs, backward=True).get_total_flops()
+    assert _count(model(arch), inputs, backward=True, counter=_TotalFlops()).get_total_flops() == base
+    with_recompute = _count(model(arch, recompute), inputs, backward=True, counter=_TotalFlops()).get_total_flops()
     step = wan_step_flops(arch, fhw, text_tokens, pairs=1, reference_forward=False, recompute=recompute)
     assert with_recompute - base == step["recompute"] > 0
 
