@@ -17,6 +17,7 @@ from megatron_regdpo.data.sampler import PairSampler
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan
 from megatron_regdpo.models.wan.convert import FAMILY
+from megatron_regdpo.models.wan.flops import wan_step_flops
 from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
 from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
@@ -44,6 +45,7 @@ class TrainingRun:
     dp_size: int
     settings: RegDPOSettings
     flow_matching: FlowMatchingSettings
+    step_flops: dict = dataclasses.field(default_factory=dict)  # models/wan/flops.py: model / hardware
     train_ids: list = dataclasses.field(default_factory=list)   # sampler index -> pair id
     eval_ids: list = dataclasses.field(default_factory=list)    # held-out pair ids
     start_step: int = 0
@@ -136,7 +138,10 @@ def build_run(cfg, pg) -> TrainingRun:
     train_ids, eval_ids = list(range(len(dataset) - hold)), list(range(len(dataset) - hold, len(dataset)))
     shapes = dataset.shapes()
     sampler = PairSampler([shapes[i] for i in train_ids], per_rank, dp_rank, dp_size, seed=cfg.run.seed)
-    tokens, _ = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
+    tokens, latent = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
+    step_flops = wan_step_flops(arch, latent, cfg.data.text_len, pairs=cfg.data.global_batch_pairs,
+                                reference_forward=cfg.objective.reference.mode != "cached",
+                                recompute=cfg.model.recompute)
     run = TrainingRun(
         cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference, dataset=dataset,
         sampler=sampler, checkpointer=Checkpointer(
@@ -147,7 +152,7 @@ def build_run(cfg, pg) -> TrainingRun:
         run_dir=run_dir, device=device, dtype=dtype, tokens=tokens, dp_size=dp_size,
         settings=RegDPOSettings(cfg.objective.beta, cfg.objective.beta_convention, cfg.objective.dpo_weight,
                                 cfg.objective.sft_mode, cfg.objective.sft_weight),
-        flow_matching=fm, train_ids=train_ids, eval_ids=eval_ids)
+        flow_matching=fm, train_ids=train_ids, eval_ids=eval_ids, step_flops=step_flops)
     latest = run.checkpointer.latest()
     if latest is not None:
         state = run.checkpointer.load(latest, run.model_chunks, optimizer)

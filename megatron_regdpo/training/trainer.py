@@ -105,9 +105,13 @@ def train(run, log) -> int:
             objective = average_microbatches([objective_names(m) for m in objective_metrics],
                                              num_pairs=[per_micro] * len(objective_metrics)) if objective_metrics else {}
             objective = reduce_over_group(objective, run.pg.dp, num_pairs=len(ids)) if objective else {}
+            step_s = time.perf_counter() - t0
             metrics = step_metrics({**objective, "loss/total": loss}, step=step, lr=lr, grad_norm=grad_norm,
                                    skipped_steps=run.skipped_total, pairs=len(ids) * run.dp_size,
-                                   step_s=time.perf_counter() - t0, peak_gb=peak_memory_gb(run.device))
+                                   step_s=step_s, peak_gb=peak_memory_gb(run.device))
+            # per device: policy forward+backward ("model") and everything run, reference and recompute included
+            for kind in ("model", "hardware"):
+                metrics[f"throughput/{kind}_tflops"] = run.step_flops[kind] / step_s / dist.get_world_size() / 1e12
             if cfg.eval.interval and step % cfg.eval.interval == 0:
                 metrics.update(evaluate(run))   # one record per step: eval/ joins the step's line
             log.log(metrics)
