@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("loss/", "dpo/", "optim/", "throughput/", "memory/", "time/", "eval/")
+PREFIXES = ("loss/", "dpo/", "optim/", "throughput/", "memory/", "time/")
+EVAL_PREFIX = "eval/"  # held-out evaluation (trainer.evaluate) joins the line of the steps it runs at
 _BARE_OBJECTIVE_NAMES = ("err_pol_w", "err_pol_l", "err_ref_w", "err_ref_l")  # reg_dpo_metrics leaves these bare
 OBJECTIVE_NAMES = (
     "loss/total", "loss/dpo", "loss/sft",
