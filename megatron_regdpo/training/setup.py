@@ -70,7 +70,7 @@ class TrainingRun:
     def mean_loss(self, losses: list[dict]) -> float:
         """The step's loss on every rank: the last stage's mean over micro-batches, averaged over DP."""
         local = torch.tensor([sum(float(l["loss"]) for l in losses) / len(losses) if losses else 0.0],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         if dist.is_initialized():
             dist.all_reduce(local, group=self.pg.pp)             # only the last stage holds it
             dist.all_reduce(local, group=self.pg.dp)

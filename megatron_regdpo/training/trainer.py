@@ -33,7 +33,8 @@ class StopRequested:
         self.flag = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.flag else 0.0])
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=device)  # NCCL reduces CUDA tensors only
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
