@@ -29,13 +29,14 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, rank: int | None = N
     cpu_compat.apply()
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        launched = world_size is None and "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, even with one rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        if world_size == 1:
+        if world_size == 1 and not launched:
             # one process (tools, dry runs, plain `python -m`): a private rendezvous on a free port, never
             # an inherited MASTER_PORT that another process may hold
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1)
-        else:  # a launcher (torchrun, our spawn) set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT
+        else:  # a launcher (torchrun, our spawn) set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (its store)
             rank = int(os.environ.get("RANK", 0)) if rank is None else rank
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
