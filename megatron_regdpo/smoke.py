@@ -17,25 +17,26 @@ from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan, count_parameters
 from megatron_regdpo.models.wan.convert import FAMILY
+from megatron_regdpo.objectives.flow_matching import make_pair_batch
 from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model, save_model
 from megatron_regdpo.parallel.groups import distributed_session
 
 
 def synthetic_pair(arch, data, seed: int):
-    """A winner/loser latent pair with shared noise and timestep, plus text (and image) conditioning."""
+    """A winner/loser latent pair noised with the objective's keyed noise and timestep (shared by both),
+    plus text (and image) conditioning."""
     g = torch.Generator().manual_seed(seed)
     _, latent = video_tokens(data.frames, data.height, data.width)
-    x0 = torch.randn(2, arch.out_channels, *latent, generator=g)
-    eps = torch.randn(1, *x0.shape[1:], generator=g).expand_as(x0)
-    sigma = torch.rand(1, generator=g).expand(2)
-    x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * eps
+    x0 = torch.randn(2, 1, arch.out_channels, *latent, generator=g)
+    pb = make_pair_batch(x0[0], x0[1], [0], seed=seed, step=0)
+    x_t = pb.x_t_BCFHW
     if arch.in_channels > arch.out_channels:  # I2V: mask + first-frame latent channels
         cond = torch.randn(1, arch.in_channels - arch.out_channels, *latent, generator=g).expand(2, -1, -1, -1, -1)
         x_t = torch.cat([x_t, cond], dim=1)
     text = torch.randn(1, data.text_len, arch.text_dim, generator=g).expand(2, -1, -1)
     image = (torch.randn(1, arch.image_tokens, arch.image_dim, generator=g).expand(2, -1, -1)
              if arch.image_dim else None)
-    return x_t, sigma * 1000, text, image, eps - x0
+    return x_t, pb.timestep_B, text, image, pb.target_BCFHW
 
 
 def run_smoke(cfg) -> int:

@@ -16,7 +16,11 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 META_FILE = "model.json"
 
 
-def _barrier() -> None:
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -27,11 +31,11 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, meta: dict) -> None
     if ckpt_dir.exists() and (not ckpt_dir.is_dir() or any(ckpt_dir.iterdir())):
         raise FileExistsError(f"checkpoint folder {ckpt_dir} exists and is not empty; refusing to overwrite it")
     partial = ckpt_dir.with_name(ckpt_dir.name + ".partial")
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    rank0 = is_rank0()
     if rank0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    _barrier()
+    barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(partial),
                             sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
     if rank0:
@@ -39,7 +43,7 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, meta: dict) -> None
         if ckpt_dir.exists():
             ckpt_dir.rmdir()
         partial.rename(ckpt_dir)
-    _barrier()
+    barrier()
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:

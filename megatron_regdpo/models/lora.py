@@ -38,7 +38,7 @@ from megatron.core.tensor_parallel.mappings import (gather_from_sequence_paralle
                                                     reduce_scatter_to_sequence_parallel_region)
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
-from megatron_regdpo.parallel.context import sum_grad_over_group
+from megatron_regdpo.parallel.collectives import sum_grad_over_group
 
 LORA_PARAMS = ("lora_A", "lora_B")
 # every linear of the Wan block; LoraConfig's default leaves out the I2V image K/V (linear_kv_img)

@@ -6,6 +6,13 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP/FSDP wrappers (forward_tokens, patchify, checkpoint keys live there)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def ddp_config(parallel) -> DistributedDataParallelConfig:
     """Our `parallel` config section -> megatron's DDP config."""
     if parallel.fsdp:

@@ -16,7 +16,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from . import cpu_compat
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +34,7 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, rank: int | None = N
         if world_size == 1 and not launched:
             # one process (tools, dry runs, plain `python -m`): a private rendezvous on a free port, never
             # an inherited MASTER_PORT that another process may hold
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1)
         else:  # a launcher (torchrun, our spawn) set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (its store)
             rank = int(os.environ.get("RANK", 0)) if rank is None else rank

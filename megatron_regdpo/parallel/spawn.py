@@ -6,7 +6,6 @@ megatron/diffusers imports per rank (~10 s on 2 cores), so callers run many case
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -14,11 +13,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .groups import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn, payload, out_dir: str) -> None:
@@ -41,7 +36,7 @@ def run_world(world: int, fn, payload) -> list:
     `fn` must be importable (module level); a failing rank's traceback is re-raised here."""
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.start_processes(_entry, args=(world, _free_port(), fn, payload, out_dir), nprocs=world,
+            mp.start_processes(_entry, args=(world, free_port(), fn, payload, out_dir), nprocs=world,
                                join=True, start_method="spawn")
         except mp.ProcessRaisedException:
             pass  # the rank's own traceback is in its result file

@@ -21,6 +21,7 @@ import torch
 
 from megatron_regdpo.objectives.flow_matching import split_pair
 from megatron_regdpo.objectives.per_sample import per_sample_sq_err
+from megatron_regdpo.parallel.data_parallel import unwrap  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -37,13 +38,6 @@ class ReferenceBatch:
     seed: int | None = None
     step: int | None = None
     draw: int = 0
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP/FSDP wrappers (forward_tokens, patchify and cp_chunk live there)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def model_errors(model: torch.nn.Module, batch: ReferenceBatch, cp_group=None) -> torch.Tensor:

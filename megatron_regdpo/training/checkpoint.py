@@ -19,30 +19,16 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
+from megatron_regdpo.checkpoint_io.megatron_ckpt import META_FILE, barrier, is_rank0
+from megatron_regdpo.parallel.data_parallel import unwrap
+
 LATEST = "latest"
-META_FILE = "model.json"  # as checkpoint_io.megatron_ckpt writes it
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _unwrap(chunk):
-    """The model inside DDP: checkpoint keys are the model's own names (as in converted checkpoints)."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _sharded_state(model_chunks: list, optimizer, trainer_state: dict | None, is_loading: bool) -> dict:
     model_sd = {}
     for chunk in model_chunks:
-        model_sd.update(_unwrap(chunk).sharded_state_dict())
+        model_sd.update(unwrap(chunk).sharded_state_dict())
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rng = ShardedObject("rng_state", torch.get_rng_state() if not is_loading else None, (world,), (rank,),
                         replica_id=0)
@@ -71,14 +57,14 @@ class Checkpointer:
     def save(self, step: int, model_chunks: list, optimizer, trainer_state: dict) -> Path:
         final = self.root / f"iter_{step:07d}"
         partial = final.with_name(final.name + ".partial")
-        if _rank0():
+        if is_rank0():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        _barrier()
+        barrier()
         state = _sharded_state(model_chunks, optimizer, {**trainer_state, "step": step}, is_loading=False)
         dist_checkpointing.save(state, str(partial), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-        _barrier()
-        if _rank0():
+        barrier()
+        if is_rank0():
             if self.meta is not None:
                 (partial / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
@@ -87,7 +73,7 @@ class Checkpointer:
             tmp.write_text(final.name)
             os.replace(tmp, self.root / LATEST)
             self._prune()
-        _barrier()
+        barrier()
         return final
 
     def _prune(self) -> None:
@@ -102,7 +88,7 @@ class Checkpointer:
             raise FileNotFoundError(f"{path} is not a complete training checkpoint (no metadata.json)")
         state = dist_checkpointing.load(_sharded_state(model_chunks, optimizer, None, is_loading=True), str(path))
         for chunk in model_chunks:
-            _unwrap(chunk).load_state_dict(state["model"], strict=True)
+            unwrap(chunk).load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         return state["trainer"]

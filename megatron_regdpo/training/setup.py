@@ -77,12 +77,6 @@ class TrainingRun:
             local /= dist.get_world_size(self.pg.dp)
         return float(local.item())
 
-    def objective_metrics(self, per_mb: list[dict]) -> dict:
-        if not per_mb:
-            return {}
-        keys = [k for k in per_mb[0] if k != "loss/total"]
-        return {k: sum(m[k] for m in per_mb) / len(per_mb) for k in keys}
-
     def checkpoint_due(self, step: int) -> bool:
         return self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
 

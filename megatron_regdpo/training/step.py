@@ -17,20 +17,7 @@ import torch
 
 from megatron_regdpo.objectives.per_sample import per_sample_sq_err
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings, reg_dpo_loss, reg_dpo_metrics
-
-
-def unwrap(model):
-    """The WanModel inside DDP/FSDP wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def policy_errors(model, mb: dict, cp_group) -> torch.Tensor:
-    """Per-sample velocity MSE [B] of the (unwrapped) model on this rank's token chunk, CP-reduced."""
-    out_BSP = model.forward_tokens(mb["x_t"], mb["timestep"], mb["text"], mb.get("image"))
-    target_BSP = model.cp_chunk(model.patchify(mb["target"]))
-    return per_sample_sq_err(out_BSP.float(), target_BSP.float(), group=cp_group)
+from megatron_regdpo.parallel.data_parallel import unwrap
 
 
 def make_forward_step(settings: RegDPOSettings, cp_group, on_metrics: Callable[[dict], None] | None = None,

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_regdpo.objectives.flow_matching import shift_sigma
+
 NUM_TRAIN_TIMESTEPS = 1000
 SOLVERS = ("euler", "unipc")
 
@@ -29,7 +31,7 @@ def shifted_sigmas(steps: int, shift: float) -> list[float]:
         raise ValueError(f"shift={shift} must be positive")
     t_max = 1.0 - 1.0 / NUM_TRAIN_TIMESTEPS
     ts = [t_max * (1 - i / steps) for i in range(steps + 1)]
-    return [shift * t / (1 + (shift - 1) * t) for t in ts]
+    return [shift_sigma(t, shift) for t in ts]
 
 
 def guided(velocity: Callable, guidance: float) -> Callable:

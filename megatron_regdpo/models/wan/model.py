@@ -24,7 +24,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch import nn
 
-from megatron_regdpo.parallel.context import chunk_bounds, gather_replicated, sum_grad_over_group
+from megatron_regdpo.parallel.collectives import sum_grad_over_group
+from megatron_regdpo.parallel.context import chunk_bounds, gather_replicated
 
 from .arch import WanArch
 from .embeddings import ConditionEmbedder, Rope3D

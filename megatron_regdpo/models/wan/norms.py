@@ -17,29 +17,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over a group in forward; every rank's output feeds the loss, so backward sums too."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    """Differentiable all-reduce(sum); the identity for a group of one."""
-    if group is None or dist.get_world_size(group) == 1:
-        return x
-    return _AllReduceSum.apply(x, group)
+from megatron_regdpo.parallel.collectives import all_reduce_sum
 
 
 class FP32LayerNorm(MegatronModule):
