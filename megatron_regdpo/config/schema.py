@@ -109,6 +109,9 @@ class ObjectiveConfig(_Section):
     sft_weight: float = 1.0
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
     shift: float = 5.0
+    # joint: winner and loser stacked in one forward (the paper's memory saving); separate: two forwards
+    # (batch halves) whose outputs meet at the loss, as a naive Diffusion-DPO port does
+    pair_forward: Literal["joint", "separate"] = "joint"
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
 

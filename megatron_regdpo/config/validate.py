@@ -153,6 +153,9 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
         errors.append(f"lora.alpha must be > 0 when lora.rank > 0, got alpha={lora.alpha}")
     if cfg.objective.reference.mode == "lora_base" and lora.rank <= 0:
         errors.append(f"objective.reference.mode='lora_base' needs LoRA (lora.rank > 0), got rank={lora.rank}")
+    if cfg.objective.pair_forward == "separate" and pp != 1:
+        errors.append(f"objective.pair_forward='separate' needs parallel.pp=1 (a pipeline stage passes one "
+                      f"tensor per micro-batch), got pp={pp}")
     if cfg.objective.beta <= 0:
         errors.append(f"objective.beta must be > 0, got {cfg.objective.beta}")
     if cfg.eval.interval < 0 or cfg.eval.holdout_pairs < 0:

@@ -31,7 +31,13 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, rank: int | None = N
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         launched = world_size is None and "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, even with one rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        if world_size == 1 and not launched:
+        if backend == "fake":
+            # torch's fake process group: one process plays `rank` of `world_size`, collectives move no
+            # data (the capacity planner simulates a rank of a large world under fake tensors)
+            from torch.testing._internal.distributed.fake_pg import FakeStore
+
+            dist.init_process_group(backend="fake", store=FakeStore(), rank=rank or 0, world_size=world_size)
+        elif world_size == 1 and not launched:
             # one process (tools, dry runs, plain `python -m`): a private rendezvous on a free port, never
             # an inherited MASTER_PORT that another process may hold
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",

@@ -21,13 +21,21 @@ from megatron_regdpo.parallel.data_parallel import unwrap
 
 
 def make_forward_step(settings: RegDPOSettings, cp_group, on_metrics: Callable[[dict], None] | None = None,
-                      sq_err_sum_fn=None):
-    """A forward_step_func for megatron_regdpo.parallel.pipeline.forward_backward."""
+                      sq_err_sum_fn=None, pair_forward: str = "joint"):
+    """A forward_step_func for megatron_regdpo.parallel.pipeline.forward_backward. `pair_forward`
+    (objective.pair_forward): "joint" runs winners and losers as one batch, "separate" as two forwards
+    (winners, then losers) whose outputs are concatenated for the loss (pipeline stages: joint only)."""
 
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
         model = unwrap(model_chunk)
-        out_BSP = model_chunk(mb["x_t"], mb["timestep"], mb["text"], mb.get("image"), return_tokens=True)
+        inputs = (mb["x_t"], mb["timestep"], mb["text"], mb.get("image"))
+        if pair_forward == "joint":
+            out_BSP = model_chunk(*inputs, return_tokens=True)
+        else:
+            halves = [tuple(None if t is None else t[half] for t in inputs)
+                      for half in (slice(0, len(mb["x_t"]) // 2), slice(len(mb["x_t"]) // 2, None))]
+            out_BSP = torch.cat([model_chunk(*h, return_tokens=True) for h in halves])
 
         def loss_func(out: torch.Tensor):
             target = model.cp_chunk(model.patchify(mb["target"]))

@@ -60,7 +60,8 @@ def evaluate(run) -> dict:
                                 step=noise_step, draw=draw, fm=run.flow_matching, device=run.device, dtype=run.dtype)
             for mb in mbs:
                 mb["err_ref_w"], mb["err_ref_l"] = run.reference(run.reference_batch(mb))
-            forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, collected.append),
+            forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, collected.append,
+                                                               pair_forward=cfg.objective.pair_forward),
                              iter(mbs), num_microbatches=len(mbs), tokens=run.tokens, micro_batch_size=2 * per_micro,
                              pg_collection=run.pg, forward_only=True)
     if not collected:  # not the last pipeline stage: the loss lives there (as does the metrics writer)
@@ -95,7 +96,8 @@ def train(run, log) -> int:
                 chunk.zero_grad_buffer()
             run.optimizer.zero_grad()
             objective_metrics: list[dict] = []
-            losses = forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, objective_metrics.append),
+            losses = forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, objective_metrics.append,
+                                                        pair_forward=cfg.objective.pair_forward),
                                       iter(mbs), num_microbatches=len(mbs), tokens=run.tokens,
                                       micro_batch_size=2 * per_micro, pg_collection=run.pg)
             loss = run.mean_loss(losses)

@@ -1,0 +1,109 @@
+"""Live-tensor memory of one rank, by category, over a training step: real or fake tensors alike.
+
+A TorchDispatchMode sees every op's outputs; each new storage is counted in the category of the phase it
+was allocated in (weights, grads, optimizer, activations, reference) until the storage dies (weak
+reference). So "activations" is everything the forward/backward allocated and had not freed: saved
+tensors, temporaries, communication buffers. `peak` is the highest total, with the breakdown at that
+moment; `phase_peaks` is the highest total seen while each phase was current.
+
+Under FakeTensorMode nothing is allocated and data-dependent reads (`.item()`, `.tolist()`) have no value:
+the tracker answers them with 1, or False for booleans (finite losses and norms, Adam step counts >= 1,
+no inf found), which changes no shape.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary, weakref
+
+CATEGORIES = ("weights", "grads", "optimizer", "activations", "reference")
+HOST = "host"  # host-memory copies (the cpu_swap reference): tracked, never part of the device total
+_SCALAR_READS = {torch.ops.aten._local_scalar_dense.default}
+
+
+def _round_up(n: int, granule: int) -> int:
+    return -(-n // granule) * granule if granule > 1 else n
+
+
+class MemoryTracker(TorchDispatchMode):
+    """`granule`: allocation rounding in bytes (512 = the CUDA caching allocator's block rounding)."""
+
+    def __init__(self, granule: int = 512, fake: bool = False):
+        super().__init__()
+        self.granule, self.fake = granule, fake
+        self.category = "activations"
+        self.phase = "setup"
+        self.current = dict.fromkeys((*CATEGORIES, HOST), 0)
+        self.peak = self.peak_overall = 0
+        self.peak_breakdown = dict.fromkeys(CATEGORIES, 0)
+        self.peak_phase = "setup"
+        self.phase_peaks: dict[str, int] = {}
+        self._seen = WeakIdKeyDictionary()
+
+    @property
+    def total(self) -> int:
+        return sum(self.current[c] for c in CATEGORIES)
+
+    @contextmanager
+    def stage(self, phase: str, category: str):
+        """New storages inside count as `category`; peaks inside are attributed to `phase`."""
+        before = (self.phase, self.category)
+        self.phase, self.category = phase, category
+        self.phase_peaks.setdefault(phase, self.total)
+        try:
+            yield self
+        finally:
+            self.phase, self.category = before
+
+    def track(self, tensors, category: str | None = None) -> None:
+        """Count tensors created outside the mode (e.g. before it was entered)."""
+        for t in tree_leaves(tensors):
+            if isinstance(t, torch.Tensor):
+                self._add(t, category or self.category)
+
+    def move(self, tensors, category: str) -> None:
+        """Re-count already tracked tensors under another category (e.g. host copies made on the
+        simulation's CPU device)."""
+        for t in tree_leaves(tensors):
+            record = self._seen.get(t.untyped_storage()) if isinstance(t, torch.Tensor) else None
+            if record is not None and record[0] != category:
+                self.current[record[0]] -= record[1]
+                self.current[category] += record[1]
+                record[0] = category
+
+    def reset_peak(self) -> None:
+        """Start the step's peak from now (the overall peak, `peak_overall`, is kept)."""
+        self.peak, self.peak_breakdown, self.peak_phase = self.total, dict(self.current), self.phase
+        self.phase_peaks = {}
+
+    def _add(self, t: torch.Tensor, category: str) -> None:
+        if t.layout != torch.strided or t.device.type == "meta":
+            return
+        st = t.untyped_storage()
+        if st in self._seen:
+            return
+        record = [category, _round_up(st.nbytes(), self.granule)]
+        self._seen[st] = record
+        weakref.finalize(st, self._release, record)
+        self.current[category] += record[1]
+        total = self.total
+        self.peak_overall = max(self.peak_overall, total)
+        if total > self.peak:
+            self.peak, self.peak_breakdown, self.peak_phase = total, dict(self.current), self.phase
+        if total > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = total
+
+    def _release(self, record: list) -> None:
+        self.current[record[0]] -= record[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.fake and func in _SCALAR_READS:
+            return False if args[0].dtype == torch.bool else 1
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t, self.category)
+        return out

@@ -1,0 +1,66 @@
+"""tools/plan_capacity.py end to end (subprocesses: the fake world needs a process without a distributed
+world of its own): the paper's 14B I2V recipe on 8 GPUs, the frame search, Megatron-FSDP, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "plan_capacity.py"
+
+
+def _run(tmp_path, *args) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    out = tmp_path / "plan.jsonl"
+    proc = subprocess.run([sys.executable, str(TOOL), "--json", str(out), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return proc, records
+
+
+@pytest.mark.slow
+def test_paper_recipe_14b_i2v_on_8_gpus(tmp_path):
+    proc, [rec] = _run(tmp_path, "--config", "recipes/wan14b/regdpo_i2v_h100x8.yaml", "--world-size", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TP=1 PP=1 CP=4 DP=2" in proc.stdout and "| activations |" in proc.stdout
+    # 16,394,878,784 base parameters in bf16 (+ the rank-16 adapters), whole on every CP rank
+    assert 2 * 16_394_878_784 < rec["static"]["weights"] < 2 * 16_394_878_784 * 1.01
+    lora_bytes = rec["static"]["weights"] - 2 * 16_394_878_784
+    assert rec["static"]["grads"] == pytest.approx(lora_bytes, rel=0.01)           # bf16 grads of the adapters
+    assert rec["static"]["optimizer"] == pytest.approx(6 * lora_bytes, rel=0.01)   # fp32 main + two Adam moments
+    assert rec["static"]["reference"] == 0                                          # lora_base: adapters off
+    assert 0 < rec["breakdown"]["activations"] < rec["peak"] < 75.6 * 2**30
+    assert rec["simulated_as"] == {"model.backend": "te -> local"}
+
+
+def test_frame_search_brackets_the_budget(tmp_path):
+    proc, [rec] = _run(tmp_path, "--config", "recipes/base/wan_debug.yaml", "--world-size", "2", "--max-frames",
+                       "--gpu-gib", "0.02", "--reserve-gib", "0", "parallel.cp=2", "data.height=128", "data.width=128")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    budget = int(0.02 * 2**30)
+    assert rec["max_frames"] >= 5 and rec["max_frames"] % 4 == 1
+    assert rec["peak"] <= budget < rec["over_peak"]
+    assert rec["over_frames"] > rec["max_frames"]
+    assert f"largest clip that fits: {rec['max_frames']} frames" in proc.stdout
+
+
+def test_fsdp_is_modelled_and_shards_the_state(tmp_path):
+    proc, recs = _run(tmp_path, "--config", "recipes/base/wan_debug.yaml", "--world-size", "4",
+                      "data.global_batch_pairs=4")
+    proc_fsdp, recs_fsdp = _run(tmp_path, "--config", "recipes/base/wan_debug.yaml", "--world-size", "4",
+                                "data.global_batch_pairs=4", "parallel.fsdp=true")
+    assert proc.returncode == 0 and proc_fsdp.returncode == 0, proc_fsdp.stderr[-2000:]
+    ddp, fsdp = recs[0], recs_fsdp[-1]
+    assert fsdp["static"]["optimizer"] == ddp["static"]["optimizer"] // 4
+    assert fsdp["static"]["weights"] == ddp["static"]["weights"] // 4 + 2 * ddp["sizes"]["layer_weight_bytes"]
+    assert "Megatron-FSDP modelled" in proc_fsdp.stdout and "parallel.fsdp" in fsdp["simulated_as"]
+
+
+def test_bad_input_names_the_key(tmp_path):
+    proc, recs = _run(tmp_path, "--config", "recipes/base/wan_debug.yaml", "model.recompte=full")
+    assert proc.returncode == 2 and "model.recompte" in proc.stderr and not recs
+    proc, _ = _run(tmp_path, "--config", "recipes/base/wan_debug.yaml", "--world-size", "3", "parallel.tp=2")
+    assert proc.returncode == 2 and "world size 3" in proc.stderr

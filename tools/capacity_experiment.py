@@ -1,0 +1,68 @@
+"""The capacity experiment: largest frames per clip for Wan2.1-I2V-14B Reg-DPO pairs at 720x1280 on 8 x 80 GB.
+
+    python tools/capacity_experiment.py [--variants 0,3,5] [--jobs 2] [--out runs/capacity_14b_i2v.jsonl]
+
+Rows: (a) the FSDP-only baseline, (b) each technique added to it alone, the techniques stacked, (c) candidate
+best layouts (megatron_regdpo/capacity/experiment.py). Each row is a capacity-planner frame search; one JSON
+line per row is appended to --out and a markdown table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import multiprocessing as mp
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _one(args):
+    index, total_gib, reserve_gib = args
+    warnings.filterwarnings("ignore")
+    from megatron_regdpo.capacity.experiment import run_variant
+    from megatron_regdpo.capacity.planner import Budget
+
+    t0 = time.perf_counter()
+    row = run_variant(index, Budget(total_gib, reserve_gib))
+    return index, row, time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=None, help="comma-separated row indices (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="rows searched in parallel (one process each)")
+    ap.add_argument("--gpu-gib", type=float, default=79.6)
+    ap.add_argument("--reserve-gib", type=float, default=4.0)
+    ap.add_argument("--out", default="runs/capacity_14b_i2v.jsonl")
+    args = ap.parse_args(argv)
+    from megatron_regdpo.capacity.experiment import VARIANTS, table
+    from megatron_regdpo.capacity.planner import Budget
+
+    picked = range(len(VARIANTS)) if args.variants is None else [int(i) for i in args.variants.split(",")]
+    work = [(i, args.gpu_gib, args.reserve_gib) for i in picked]
+    rows = {}
+    # a fresh process per row (spawn): the fake world owns torch.distributed while it runs
+    with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        for index, row, seconds in pool.imap_unordered(_one, work):
+            rows[index] = row
+            print(f"[{index}] {row.name}: {row.search.frames} frames ({row.search.evaluations} plans, {seconds:.0f} s)",
+                  flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"), "index": index,
+                                    "seconds": seconds, **dataclasses.asdict(row)}) + "\n")
+    ordered = [rows[i] for i in sorted(rows)]
+    base = next((r.search.frames for r in ordered if r.group == "a"), 0)
+    print(f"\nWan2.1-I2V-14B, 720x1280, 8 GPUs; budget {Budget(args.gpu_gib, args.reserve_gib).describe()}")
+    print(table(ordered, base))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
