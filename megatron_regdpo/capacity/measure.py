@@ -109,3 +109,21 @@ VALIDATION_CASES = (
     ("TP2xCP2, bf16, LoRA, full recompute", 4,
      ("parallel.tp=2", "parallel.cp=2", "precision.params_dtype=bf16", "lora.rank=8", "model.recompute=full")),
 )
+
+
+def measure_cuda_step(cfg) -> dict:
+    """On one GPU: the real step's peak (torch.cuda.max_memory_allocated from the start of the step) and
+    the plan of the same config. For the planner's GPU validation (tests/gpu/test_planner_gpu.py)."""
+    from megatron_regdpo.parallel.groups import destroy_distributed, distributed_session
+
+    from .simulate import simulate_step
+
+    with distributed_session(world_size=1) as pg:
+        real = simulate_step(cfg, 1, fake=False, pg=pg, device="cuda",
+                             on_step_start=lambda: (torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()))
+        measured = torch.cuda.max_memory_allocated()
+    destroy_distributed()
+    planned = simulate_step(cfg, 1, fake=True)
+    return {"device": torch.cuda.get_device_name(), "measured_step": measured, "planned_step": planned.peak,
+            "tracked_real_step": real.peak, "rel_error": planned.peak / measured - 1,
+            "planned_breakdown": planned.breakdown}

@@ -104,28 +104,30 @@ def runnable_config(cfg):
 
 
 def simulate_step(cfg, world_size: int, rank: int = 0, *, fake: bool = True, granule: int = 512,
-                  pg=None, on_step_start=None) -> StepMemory:
+                  pg=None, on_step_start=None, device: str = "cpu") -> StepMemory:
     """Memory of `rank` over one training step of `cfg` (see the module docstring). `pg`: the process
     groups when `fake=False` (the caller's world); a fake world is made when `fake=True`.
-    `on_step_start()`: called between the build and the step (a measurement marks the split there)."""
+    `on_step_start()`: called between the build and the step (a measurement marks the split there).
+    `device`: where a real run (fake=False) puts the model and batches, as the trainer does ("cuda" on a GPU)."""
     arch = resolve_arch(cfg.model)
     layout = validate(cfg, world_size, arch)
     run_cfg, replaced = runnable_config(cfg)
-    tracker = MemoryTracker(granule=granule, fake=fake)
+    device = torch.device(device)
+    tracker = MemoryTracker(granule=granule, fake=fake, device_type=device.type)
     world = fake_world(run_cfg.parallel, world_size, rank, seed=cfg.run.seed) if fake else nullcontext(pg)
     with world as groups, (fake_tensor_mode() if fake else nullcontext()), tracker:
-        result = _step(run_cfg, arch, layout, groups, tracker, on_step_start)
+        result = _step(run_cfg, arch, layout, groups, tracker, on_step_start, device)
     result.rank, result.world_size, result.simulated_as = rank, world_size, replaced
     return result
 
 
-def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None) -> StepMemory:
+def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, device=torch.device("cpu")) -> StepMemory:
     dtype = DTYPES[cfg.precision.params_dtype]
     mode = cfg.objective.reference.mode
 
     def build_base(init: bool = False):
         return build_wan(arch, pg, parallel=cfg.parallel, params_dtype=dtype, fp8=cfg.precision.fp8,
-                         backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init)
+                         backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init).to(device)
 
     with tracker.stage("build", "weights"):
         model = build_base()
@@ -158,7 +160,7 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None) -> 
     fm = FlowMatchingSettings(shift=cfg.objective.shift, timestep_sampling=cfg.objective.timestep_sampling)
     with tracker.stage("data", "activations"):
         mbs = micro_batches(_SyntheticPairs(arch, layout.latent_shape, cfg.data.text_len), list(range(per_rank)),
-                            per_micro, seed=cfg.run.seed, step=0, fm=fm, device=torch.device("cpu"), dtype=dtype)
+                            per_micro, seed=cfg.run.seed, step=0, fm=fm, device=device, dtype=dtype)
     with tracker.stage("reference", "reference"):
         reference.begin_step()
         for mb in mbs:

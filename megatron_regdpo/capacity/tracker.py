@@ -29,11 +29,12 @@ def _round_up(n: int, granule: int) -> int:
 
 
 class MemoryTracker(TorchDispatchMode):
-    """`granule`: allocation rounding in bytes (512 = the CUDA caching allocator's block rounding)."""
+    """`granule`: allocation rounding in bytes (512 = the CUDA caching allocator's block rounding);
+    `device_type`: only storages on this kind of device count (a GPU run builds on the host first)."""
 
-    def __init__(self, granule: int = 512, fake: bool = False):
+    def __init__(self, granule: int = 512, fake: bool = False, device_type: str = "cpu"):
         super().__init__()
-        self.granule, self.fake = granule, fake
+        self.granule, self.fake, self.device_type = granule, fake, device_type
         self.category = "activations"
         self.phase = "setup"
         self.current = dict.fromkeys((*CATEGORIES, HOST), 0)
@@ -80,7 +81,7 @@ class MemoryTracker(TorchDispatchMode):
         self.phase_peaks = {}
 
     def _add(self, t: torch.Tensor, category: str) -> None:
-        if t.layout != torch.strided or t.device.type == "meta":
+        if t.layout != torch.strided or t.device.type != self.device_type:
             return
         st = t.untyped_storage()
         if st in self._seen:

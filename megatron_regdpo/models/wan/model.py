@@ -100,6 +100,12 @@ class WanModel(MegatronModule):
             x_SBD = self.patch_embedding(latents_BCFHW).flatten(2).permute(2, 0, 1)[start:end].contiguous()
             if self.sequence_parallel:
                 x_SBD = scatter_to_sequence_parallel_region(x_SBD, group=self.tp_group)
+        if x_SBD is not None and self.config.recompute_granularity == "full" and torch.is_grad_enabled() \
+                and not x_SBD.requires_grad:
+            # megatron-core's full recompute is a reentrant autograd Function: its output requires grad only
+            # if one of its inputs does. With a frozen patch embedding and conditioning (LoRA) none does,
+            # and the adapters inside the blocks would silently get no gradient at all.
+            x_SBD = x_SBD.detach().requires_grad_()
         x_SBD = self.decoder(hidden_states=x_SBD, attention_mask=modulation_B6D,
                              context=context_BTD.transpose(0, 1).contiguous(), rotary_pos_emb=rope)
         if not self.post_process:
