@@ -1,6 +1,7 @@
 """The capacity experiment: largest frames per clip for Wan2.1-I2V-14B Reg-DPO pairs at 720x1280 on 8 x 80 GB.
 
     python tools/capacity_experiment.py [--variants 0,3,5] [--jobs 2] [--out runs/capacity_14b_i2v.jsonl]
+    python tools/capacity_experiment.py --table runs/capacity_14b_i2v.jsonl    # the table again, no planning
 
 Rows: (a) the FSDP-only baseline, (b) each technique added to it alone, the techniques stacked, (c) candidate
 best layouts (megatron_regdpo/capacity/experiment.py). Each row is a capacity-planner frame search; one JSON
@@ -40,9 +41,18 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-gib", type=float, default=79.6)
     ap.add_argument("--reserve-gib", type=float, default=4.0)
     ap.add_argument("--out", default="runs/capacity_14b_i2v.jsonl")
+    ap.add_argument("--table", default=None, help="print the table of this JSONL (the last line per row) and exit")
     args = ap.parse_args(argv)
-    from megatron_regdpo.capacity.experiment import VARIANTS, table
+    from megatron_regdpo.capacity.experiment import VARIANTS, row_from_record, table
     from megatron_regdpo.capacity.planner import Budget
+
+    if args.table:
+        records = {}
+        for line in Path(args.table).read_text().splitlines():
+            record = json.loads(line)
+            records[record["index"]] = record
+        print(table([row_from_record(records[i]) for i in sorted(records)]))
+        return 0
 
     picked = range(len(VARIANTS)) if args.variants is None else [int(i) for i in args.variants.split(",")]
     work = [(i, args.gpu_gib, args.reserve_gib) for i in picked]
@@ -58,9 +68,8 @@ def main(argv=None) -> int:
                 f.write(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"), "index": index,
                                     "seconds": seconds, **dataclasses.asdict(row)}) + "\n")
     ordered = [rows[i] for i in sorted(rows)]
-    base = next((r.search.frames for r in ordered if r.group == "a"), 0)
     print(f"\nWan2.1-I2V-14B, 720x1280, 8 GPUs; budget {Budget(args.gpu_gib, args.reserve_gib).describe()}")
-    print(table(ordered, base))
+    print(table(ordered))
     return 0
 
 

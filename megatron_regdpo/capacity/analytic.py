@@ -24,34 +24,34 @@ from .simulate import StepMemory
 STATIC = ("weights", "grads", "optimizer")
 
 
-def _shift(mem: StepMemory, delta: dict, phases: dict | None = None, note: str = "") -> StepMemory:
-    """Add `delta` (bytes per category) to every phase peak (or per phase, `phases`: {phase: bytes})."""
-    total = sum(delta.values())
-    phase_peaks = {ph: v + (phases.get(ph, 0) if phases is not None else total) for ph, v in mem.phase_peaks.items()}
-    peak_phase = max(phase_peaks, key=phase_peaks.get)
-    breakdown = dict(mem.breakdown)
-    if phases is None or peak_phase in phases:
-        for c, d in delta.items():
-            breakdown[c] = breakdown.get(c, 0) + d
-    return dataclasses.replace(mem, peak=phase_peaks[peak_phase], peak_phase=peak_phase, breakdown=breakdown,
-                               phase_peaks=phase_peaks, notes=[*mem.notes, note] if note else mem.notes)
+def _shift(mem: StepMemory, deltas: dict, note: str) -> StepMemory:
+    """Apply `deltas` = {phase: {category: bytes}} to each phase's peak and its breakdown; the step's peak
+    is then the highest phase."""
+    peaks, breakdowns = dict(mem.phase_peaks), {ph: dict(b) for ph, b in mem.phase_breakdowns.items()}
+    for ph, delta in deltas.items():
+        if ph in peaks:
+            peaks[ph] += sum(delta.values())
+            for c, d in delta.items():
+                breakdowns[ph][c] = breakdowns[ph].get(c, 0) + d
+    top = max(peaks, key=peaks.get)
+    return dataclasses.replace(mem, peak=peaks[top], peak_phase=top, breakdown=breakdowns[top], phase_peaks=peaks,
+                               phase_breakdowns=breakdowns, notes=[*mem.notes, note])
 
 
 def apply_fsdp(mem: StepMemory, shard: int) -> StepMemory:
     """Megatron-FSDP over `shard` = DP x CP ranks, from a DDP simulation of the same step."""
     layer_w, layer_g = mem.sizes["layer_weight_bytes"], mem.sizes["layer_grad_bytes"]
-    sharded = {"weights": mem.static["weights"] / shard + 2 * layer_w,
-               "grads": mem.static["grads"] / shard + 2 * layer_g,
-               "optimizer": mem.static["optimizer"] / shard}
-    delta = {c: int(sharded[c] - mem.static[c]) for c in STATIC}
-    static = {**mem.static, **{c: int(sharded[c]) for c in STATIC}}
-    base = sum(delta.values())
-    update = mem.phase_peaks.get("optimizer", 0) - sum(mem.static[c] for c in mem.static if c != "host")
-    phases = {ph: base for ph in mem.phase_peaks}
-    phases["optimizer"] = base - int(max(update, 0) * (1 - 1 / shard))
+    sharded = {"weights": mem.static["weights"] // shard + 2 * layer_w,
+               "grads": mem.static["grads"] // shard + 2 * layer_g,
+               "optimizer": mem.static["optimizer"] // shard}
+    delta = {c: sharded[c] - mem.static[c] for c in STATIC}
+    deltas = {ph: dict(delta) for ph in mem.phase_peaks}
+    if "optimizer" in mem.phase_breakdowns:   # the update's transient (fp32 gradient copies) is sharded too
+        update = mem.phase_breakdowns["optimizer"]["optimizer"] - mem.static["optimizer"]
+        deltas["optimizer"]["optimizer"] -= max(update, 0) - max(update, 0) // shard
     note = (f"Megatron-FSDP modelled (CUDA-only): params/grads/optimizer / {shard} (DP x CP) + 2 gathered layers "
             f"({2 * layer_w / 2**30:.2f} GiB weights, {2 * layer_g / 2**30:.2f} GiB grads)")
-    return dataclasses.replace(_shift(mem, delta, phases, note), static=static)
+    return dataclasses.replace(_shift(mem, deltas, note), static={**mem.static, **sharded})
 
 
 def fp8_delta(mem: StepMemory, arch, cfg) -> int:
@@ -71,4 +71,4 @@ def apply_fp8(mem: StepMemory, arch, cfg) -> StepMemory:
     delta = fp8_delta(mem, arch, cfg)
     note = (f"TE FP8 modelled (TE needs CUDA), uncalibrated: {delta / 2**30:+.2f} GiB in forward/backward "
             f"(FP8 saved inputs, FP8 weight + transpose per live layer)")
-    return _shift(mem, {"activations": delta}, {"forward_backward": delta}, note)
+    return _shift(mem, {"forward_backward": {"activations": delta}}, note)

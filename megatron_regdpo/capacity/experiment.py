@@ -54,6 +54,10 @@ VARIANTS = (
     ("c", "TP 2 + SP x CP 4, LoRA, lora_base, full recompute (no FSDP)",
      ("parallel.fsdp=false", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=4", _pairs(4, 2),
       "objective.pair_forward=joint", "model.recompute=full", *LORA, "objective.reference.mode=lora_base")),
+    ("c", "FSDP, CP 8, LoRA, lora_base, full recompute, separate pair forwards",
+     ("model.recompute=full", "parallel.cp=8", _pairs(8), *LORA, "objective.reference.mode=lora_base")),
+    ("c", "FSDP, CP 8, LoRA, lora_base, full recompute, separate pair forwards, FP8",
+     ("model.recompute=full", "parallel.cp=8", _pairs(8), *LORA, "objective.reference.mode=lora_base", *FP8)),
 )
 
 
@@ -72,18 +76,33 @@ def run_variant(index: int, budget: Budget) -> Row:
     return Row(group, name, overrides, max_frames(cfg, WORLD, budget))
 
 
-def table(rows: list[Row], baseline_frames: int) -> str:
+def row_from_record(record: dict) -> Row:
+    """A Row back from its JSON line (tools/capacity_experiment.py --table)."""
+    from .simulate import StepMemory
+
+    search = dict(record["search"])
+    for key in ("plan", "over"):
+        search[key] = StepMemory(**search[key]) if search[key] else None
+    return Row(record["group"], record["name"], tuple(record["overrides"]), FrameSearch(**search))
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown, one line per row. Ratios are to the baseline (a), or, when (a) fits no frame count, to the
+    first row (in table order) that fits anything, named in the header."""
     GiB = 2**30
-    lines = ["| group | configuration | frames per clip | x (a) | peak GiB at that length | next length tried: GiB | "
-             "weights / grads / optimizer / activations / reference GiB at the peak | host GiB/GPU |",
-             "|---|---|---|---|---|---|---|---|"]
+    ref = next((r for r in rows if r.search.frames), None)
+    ref_name = "-" if ref is None else ("(a)" if ref.group == "a" else f"'{ref.name.lstrip('+ ')}'")
+    lines = [f"| group | configuration | frames per clip | x {ref_name} | peak GiB at that length | "
+             "next length tried: GiB | weights / grads / optimizer / activations / reference GiB at the peak | "
+             "peak in | host GiB/GPU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, p = r.search, r.search.plan
-        ratio = "-" if not baseline_frames else f"{s.frames / baseline_frames:.1f}"
-        cats = " / ".join(f"{p.breakdown.get(c, 0) / GiB:.1f}" for c in
-                          ("weights", "grads", "optimizer", "activations", "reference")) if p else "-"
         over = f"{s.over_frames}: {s.over.peak / GiB:.1f}" if s.over else "-"
-        lines.append(f"| {r.group} | {r.name} | {s.frames} | {ratio} | {p.peak / GiB:.1f} | {over} | {cats} | "
-                     f"{(p.host / GiB if p else 0):.1f} |" if p else
-                     f"| {r.group} | {r.name} | 0 | - | - | {over} | - | - |")
+        if p is None:
+            lines.append(f"| {r.group} | {r.name} | 0 | - | - | {over} | - | - | - |")
+            continue
+        cats = " / ".join(f"{p.breakdown.get(c, 0) / GiB:.1f}" for c in
+                          ("weights", "grads", "optimizer", "activations", "reference"))
+        lines.append(f"| {r.group} | {r.name} | {s.frames} | {s.frames / ref.search.frames:.1f} | {p.peak / GiB:.1f} | "
+                     f"{over} | {cats} | {p.peak_phase} | {p.host / GiB:.1f} |")
     return "\n".join(lines)

@@ -109,16 +109,17 @@ def max_frames(cfg, world_size: int, budget: Budget, limit_latent: int = 512) ->
 
 
 def format_plan(mem: StepMemory, budget: Budget | None = None) -> str:
-    """A per-category table of the peak (GiB), the phases, and what was modelled instead of run."""
+    """A per-category table of the peak (GiB, or MiB below 1 GiB), the phases, and what was modelled."""
+    unit, div = ("GiB", GiB) if mem.peak >= GiB else ("MiB", 2**20)
     lines = [f"layout: {mem.layout}; {mem.tokens:,} video tokens per clip; rank {mem.rank} of {mem.world_size}",
-             "", "| category | resident before the step | at the peak |", "|---|---|---|"]
+             "", f"| category ({unit}) | resident before the step | at the peak |", "|---|---|---|"]
     for c in CATEGORIES:
-        lines.append(f"| {c} | {mem.static.get(c, 0) / GiB:.2f} | {mem.breakdown.get(c, 0) / GiB:.2f} |")
-    lines.append(f"| **total** | {sum(mem.static.get(c, 0) for c in CATEGORIES) / GiB:.2f} | **{mem.peak / GiB:.2f}** |")
-    lines += ["", "peak per phase (GiB): " + ", ".join(f"{ph} {v / GiB:.2f}" for ph, v in mem.phase_peaks.items()),
+        lines.append(f"| {c} | {mem.static.get(c, 0) / div:.2f} | {mem.breakdown.get(c, 0) / div:.2f} |")
+    lines.append(f"| **total** | {sum(mem.static.get(c, 0) for c in CATEGORIES) / div:.2f} | **{mem.peak / div:.2f}** |")
+    lines += ["", f"peak per phase ({unit}): " + ", ".join(f"{ph} {v / div:.2f}" for ph, v in mem.phase_peaks.items()),
               f"peak in: {mem.peak_phase}"]
     if mem.host:
-        lines.append(f"host memory (cpu_swap reference copy): {mem.host / GiB:.2f} GiB per rank")
+        lines.append(f"host memory (cpu_swap reference copy): {mem.host / div:.2f} {unit} per rank")
     for key, how in mem.simulated_as.items():
         lines.append(f"simulated as: {key} {how}")
     lines += [f"modelled: {n}" for n in mem.notes]

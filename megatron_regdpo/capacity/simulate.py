@@ -39,7 +39,8 @@ from .tracker import CATEGORIES, HOST, MemoryTracker
 @dataclasses.dataclass
 class StepMemory:
     """Bytes on one rank. `static`: resident before the step (weights, grad buffers, optimizer state,
-    reference); `breakdown`: by category at the step's peak; `phase_peaks`: highest total per phase."""
+    reference); `breakdown`: by category at the step's peak; `phase_peaks`: highest total per phase, and
+    `phase_breakdowns` its categories at that moment."""
 
     rank: int
     world_size: int
@@ -49,6 +50,7 @@ class StepMemory:
     peak_phase: str
     breakdown: dict
     phase_peaks: dict
+    phase_breakdowns: dict
     static: dict
     host: int
     peak_overall: int               # including the build (what a profiler of the whole run sees)
@@ -148,7 +150,7 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
         else:
             reference = build_reference(mode, ddp, build_model=build_base, cp_group=pg.cp)
         if mode == "cpu_swap":
-            tracker.move(reference._host, HOST)
+            tracker.move(reference.host_copies, HOST)
     static = {c: tracker.current[c] for c in (*CATEGORIES, HOST)}
     sizes = layer_sizes(model, grad_bytes=4 if cfg.parallel.grad_reduce_in_fp32 else dtype.itemsize)
     tracker.reset_peak()
@@ -181,7 +183,8 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
     describe = layout.describe().splitlines()[0]
     return StepMemory(rank=0, world_size=layout.world_size, layout=describe, tokens=layout.tokens,
                       peak=tracker.peak, peak_phase=tracker.peak_phase, breakdown=dict(tracker.peak_breakdown),
-                      phase_peaks=dict(tracker.phase_peaks), static=static, host=tracker.current[HOST],
+                      phase_peaks=dict(tracker.phase_peaks), phase_breakdowns=dict(tracker.phase_breakdowns),
+                      static=static, host=tracker.current[HOST],
                       peak_overall=tracker.peak_overall, sizes=sizes)
 
 

@@ -42,6 +42,7 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_breakdown = dict.fromkeys(CATEGORIES, 0)
         self.peak_phase = "setup"
         self.phase_peaks: dict[str, int] = {}
+        self.phase_breakdowns: dict[str, dict] = {}   # by category, at each phase's peak
         self._seen = WeakIdKeyDictionary()
 
     @property
@@ -53,7 +54,8 @@ class MemoryTracker(TorchDispatchMode):
         """New storages inside count as `category`; peaks inside are attributed to `phase`."""
         before = (self.phase, self.category)
         self.phase, self.category = phase, category
-        self.phase_peaks.setdefault(phase, self.total)
+        if phase not in self.phase_peaks:
+            self.phase_peaks[phase], self.phase_breakdowns[phase] = self.total, dict(self.current)
         try:
             yield self
         finally:
@@ -78,7 +80,7 @@ class MemoryTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         """Start the step's peak from now (the overall peak, `peak_overall`, is kept)."""
         self.peak, self.peak_breakdown, self.peak_phase = self.total, dict(self.current), self.phase
-        self.phase_peaks = {}
+        self.phase_peaks, self.phase_breakdowns = {}, {}
 
     def _add(self, t: torch.Tensor, category: str) -> None:
         if t.layout != torch.strided or t.device.type != self.device_type:
@@ -95,7 +97,7 @@ class MemoryTracker(TorchDispatchMode):
         if total > self.peak:
             self.peak, self.peak_breakdown, self.peak_phase = total, dict(self.current), self.phase
         if total > self.phase_peaks.get(self.phase, 0):
-            self.phase_peaks[self.phase] = total
+            self.phase_peaks[self.phase], self.phase_breakdowns[self.phase] = total, dict(self.current)
 
     def _release(self, record: list) -> None:
         self.current[record[0]] -= record[1]

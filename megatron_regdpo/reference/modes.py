@@ -70,6 +70,11 @@ class CpuSwapReference(ResidentReference):
         self.swapped_in = True
         self.end_step()
 
+    @property
+    def host_copies(self) -> list:
+        """The weights' host-memory copies (what the capacity planner counts as host memory)."""
+        return self._host
+
     def begin_step(self) -> None:
         if not self.swapped_in:
             for p, h in zip(self._params, self._host):

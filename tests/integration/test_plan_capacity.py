@@ -25,7 +25,7 @@ def _run(tmp_path, *args) -> tuple[subprocess.CompletedProcess, list[dict]]:
 def test_paper_recipe_14b_i2v_on_8_gpus(tmp_path):
     proc, [rec] = _run(tmp_path, "--config", "recipes/wan14b/regdpo_i2v_h100x8.yaml", "--world-size", "8")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "TP=1 PP=1 CP=4 DP=2" in proc.stdout and "| activations |" in proc.stdout
+    assert "TP=1 PP=1 CP=4 DP=2" in proc.stdout and "| activations |" in proc.stdout and "(GiB)" in proc.stdout
     # 16,394,878,784 base parameters in bf16 (+ the rank-16 adapters), whole on every CP rank
     assert 2 * 16_394_878_784 < rec["static"]["weights"] < 2 * 16_394_878_784 * 1.01
     lora_bytes = rec["static"]["weights"] - 2 * 16_394_878_784
@@ -33,6 +33,7 @@ def test_paper_recipe_14b_i2v_on_8_gpus(tmp_path):
     assert rec["static"]["optimizer"] == pytest.approx(6 * lora_bytes, rel=0.01)   # fp32 main + two Adam moments
     assert rec["static"]["reference"] == 0                                          # lora_base: adapters off
     assert 0 < rec["breakdown"]["activations"] < rec["peak"] < 75.6 * 2**30
+    assert sum(rec["breakdown"][c] for c in ("weights", "grads", "optimizer", "activations", "reference")) == rec["peak"]
     assert rec["simulated_as"] == {"model.backend": "te -> local"}
 
 

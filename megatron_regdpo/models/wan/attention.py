@@ -21,15 +21,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_regdpo.parallel.context import all_gather_seq
 
+from .lean import Rope
+
 SpecOrType = Union[ModuleSpec, type]
-
-
-def apply_rope(x_SBHK: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angles of `rope` = stack(cos, sin): [2, S, 1, 1, K/2]."""
-    cos, sin = rope[0], rope[1]
-    x1, x2 = x_SBHK.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.type_as(x_SBHK)
 
 
 class SDPAttention(MegatronModule):
@@ -145,8 +139,8 @@ class WanSelfAttention(_WanAttentionBase):
     def forward(self, x_SBD: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.linear_qkv(x_SBD)
         q, k, v = self._heads(qkv, 3)
-        q = apply_rope(self._normed(self.q_norm, q), rope)
-        k = apply_rope(self._normed(self.k_norm, k), rope)
+        q = Rope.apply(self._normed(self.q_norm, q), rope)
+        k = Rope.apply(self._normed(self.k_norm, k), rope)
         out, _ = self.linear_proj(self._attend(q, k, v.contiguous()))
         return out
 

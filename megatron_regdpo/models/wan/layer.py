@@ -3,7 +3,8 @@
 Legend: S video tokens (this rank's slice), T context tokens, B batch, D hidden.
 
 adaLN: the time embedding's 6-way projection (shift, scale, gate for self-attention; the same for the
-FFN) plus this block's learned `scale_shift_table`. Modulation runs in fp32 and casts back, as Wan does.
+FFN) plus this block's learned `scale_shift_table`. Modulation runs in fp32 and casts back, as Wan does;
+lean.py keeps only model-dtype tensors of it for backward.
 
 TransformerBlock calls every layer with a fixed keyword set, and under full recompute forwards only
 (hidden_states, attention_mask, context, context_mask, rotary_pos_emb, ...). A DiT has no attention
@@ -19,6 +20,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank
+
+from .lean import GatedResidual, modulated_norm, norm_only
 
 
 @dataclass
@@ -55,15 +58,16 @@ class WanLayer(MegatronModule, BaseTransformerLayer):
         mod_6BD = (self.scale_shift_table.float() + modulation_B6D.float()).transpose(0, 1)
         shift, scale, gate, c_shift, c_scale, c_gate = mod_6BD.unbind(0)
 
-        h = (self.norm1(x_SBD) * (1 + scale) + shift).type_as(x_SBD)
-        x_SBD = (x_SBD.float() + self.self_attention(h, rotary_pos_emb).float() * gate).type_as(x_SBD)
+        # fp32 modulation and gates as Wan computes them, keeping only bf16 tensors for backward (lean.py)
+        h = modulated_norm(self.norm1, x_SBD, shift, scale)
+        x_SBD = GatedResidual.apply(x_SBD, self.self_attention(h, rotary_pos_emb), gate)
 
-        h = (self.norm2(x_SBD) if self.norm2 is not None else x_SBD).type_as(x_SBD)
+        h = norm_only(self.norm2, x_SBD) if self.norm2 is not None else x_SBD
         x_SBD = x_SBD + self.cross_attention(h, context)
 
-        h = (self.norm3(x_SBD) * (1 + c_scale) + c_shift).type_as(x_SBD)
+        h = modulated_norm(self.norm3, x_SBD, c_shift, c_scale)
         ff, ff_bias = self.mlp(h)
         if ff_bias is not None:
             ff = ff + ff_bias
-        x_SBD = (x_SBD.float() + ff.float() * c_gate).type_as(x_SBD)
+        x_SBD = GatedResidual.apply(x_SBD, ff, c_gate)
         return x_SBD, context

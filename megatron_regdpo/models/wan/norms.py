@@ -17,7 +17,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_regdpo.parallel.collectives import all_reduce_sum
+from .lean import RMSNormAcrossHeads
 
 
 class FP32LayerNorm(MegatronModule):
@@ -64,10 +64,7 @@ class AcrossHeadsRMSNorm(MegatronModule):
         setattr(self.weight, "partition_stride", 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        sq_sum = all_reduce_sum(x32.pow(2).sum(-1, keepdim=True), self.tp_group)
-        y = x32 * torch.rsqrt(sq_sum / self.full_width + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return RMSNormAcrossHeads.apply(x, self.weight, self.tp_group, self.full_width, self.eps)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)

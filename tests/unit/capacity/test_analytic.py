@@ -18,6 +18,9 @@ def _mem(**kw) -> StepMemory:
                   breakdown={**static, "activations": 3000 * MiB},
                   phase_peaks={"data": base, "reference": base + 100 * MiB, "forward_backward": base + 3000 * MiB,
                                "optimizer": base + 1600 * MiB},
+                  phase_breakdowns={"data": dict(static), "reference": {**static, "activations": 100 * MiB},
+                                    "forward_backward": {**static, "activations": 3000 * MiB},
+                                    "optimizer": {**static, "optimizer": 6400 * MiB}},
                   static=static, host=0, peak_overall=base + 3000 * MiB,
                   sizes={"layer_weight_bytes": 20 * MiB, "layer_grad_bytes": 20 * MiB, "layer_linear_params": 5 * MiB})
     fields.update(kw)
@@ -34,6 +37,9 @@ def test_fsdp_shards_resident_state_and_the_update_transient():
     assert mem.phase_peaks["optimizer"] == resident + 1600 * MiB // 8
     assert mem.peak == resident + 3000 * MiB and mem.peak_phase == "forward_backward"
     assert mem.breakdown["activations"] == 3000 * MiB and mem.breakdown["optimizer"] == 600 * MiB
+    assert sum(mem.breakdown[c] for c in ("weights", "grads", "optimizer", "activations", "reference")) == mem.peak
+    update = mem.phase_breakdowns["optimizer"]
+    assert update["optimizer"] == 600 * MiB + 1600 * MiB // 8 and sum(update.values()) == mem.phase_peaks["optimizer"]
     assert any("Megatron-FSDP" in n for n in mem.notes)
 
 

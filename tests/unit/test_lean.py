@@ -1,0 +1,90 @@
+"""models/wan/lean.py: Wan's fp32 elementwise steps give the plain code's values (bitwise) and gradients,
+while keeping no fp32 copy of a token-sized tensor for backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_regdpo.models.wan.lean import GatedResidual, Rope, RMSNormAcrossHeads, modulated_norm, norm_only
+
+S, B, H, K = 6, 2, 4, 8
+D = H * K
+
+
+def _plain_rope(x, rope):
+    cos, sin = rope[0], rope[1]
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def _plain_rms(x, w, eps=1e-6):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) / x.shape[-1] + eps) * w.float()).to(x.dtype)
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self, affine: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(D)) if affine else None
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(D)) if affine else None
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (D,), self.weight, self.bias, 1e-6)
+
+
+def _check(plain, lean, inputs, dtype):
+    """Same forward bits; gradients of every input equal to rounding."""
+    a = [t.detach().to(dtype if t.is_floating_point() and t.dim() > 2 else t.dtype).requires_grad_(t.requires_grad)
+         for t in inputs]
+    b = [t.detach().clone().requires_grad_(t.requires_grad) for t in a]
+    out_a, out_b = plain(*a), lean(*b)
+    assert out_b.dtype == out_a.dtype and torch.equal(out_a, out_b)
+    g = torch.randn_like(out_a)
+    out_a.backward(g)
+    out_b.backward(g)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for ta, tb in zip(a, b):
+        if ta.requires_grad:
+            torch.testing.assert_close(tb.grad, ta.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_and_gradients_match_the_plain_code(dtype):
+    x, branch = torch.randn(S, B, D, requires_grad=True), torch.randn(S, B, D, requires_grad=True)
+    shift, scale, gate = (0.1 * torch.randn(B, D).requires_grad_() for _ in range(3))
+    _check(lambda x, b, g: (x.float() + b.float() * g).type_as(x), GatedResidual.apply, [x, branch, gate], dtype)
+    angles = torch.randn(S, 1, 1, K // 2)
+    rope = torch.stack((angles.cos(), angles.sin()))
+    q = torch.randn(S, B, H, K, requires_grad=True)
+    _check(_plain_rope, Rope.apply, [q, rope], dtype)
+    w = (1 + 0.1 * torch.randn(D)).requires_grad_()
+    _check(_plain_rms, lambda x, w: RMSNormAcrossHeads.apply(x, w, None, D, 1e-6), [x, w], dtype)
+    norm = _Norm(affine=False)
+    _check(lambda x, s, c: (norm(x) * (1 + c) + s).type_as(x), lambda x, s, c: modulated_norm(norm, x, s, c),
+           [x, shift, scale], dtype)
+    affine = _Norm(affine=True)
+    plain = affine.weight.grad
+    _check(lambda x: affine(x).type_as(x), lambda x: norm_only(affine, x), [x], dtype)
+    assert affine.weight.grad is not None and plain is None   # the checkpointed norm's parameters get gradients
+
+
+def test_no_fp32_token_sized_tensor_is_kept_for_backward():
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    x = torch.randn(S, B, D, dtype=torch.bfloat16, requires_grad=True)
+    shift, scale, gate = (0.1 * torch.randn(B, D) for _ in range(3))
+    angles = torch.randn(S, 1, 1, K // 2)
+    rope = torch.stack((angles.cos(), angles.sin()))
+    w = torch.ones(D, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = modulated_norm(_Norm(affine=False), x, shift, scale)
+        q = Rope.apply(RMSNormAcrossHeads.apply(h, w, None, D, 1e-6).unflatten(-1, (H, K)), rope)
+        out = GatedResidual.apply(x, q.flatten(-2), gate)
+    out.float().sum().backward()
+    token_sized = [(dt, n) for dt, n in saved if n >= S * B * D]
+    assert token_sized and all(dt == torch.bfloat16 for dt, _ in token_sized), token_sized
