@@ -23,7 +23,7 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Bytes a rank's tensors may take: the card's memory as torch reports it (H100/H200 80 GB: 79.6 GiB)
+    """Bytes a rank's tensors may take: the card's memory as torch reports it (H100 80 GB: 79.6 GiB)
     minus a reserve for what torch's allocator statistics do not count or waste (CUDA context, NCCL
     buffers, allocator fragmentation)."""
 
