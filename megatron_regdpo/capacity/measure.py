@@ -106,6 +106,8 @@ VALIDATION_CASES = (
     ("TP2, cpu_swap reference", 2, ("parallel.tp=2", "objective.reference.mode=cpu_swap")),
     ("PP2, cached reference, 2 micro-batches", 2,
      ("parallel.pp=2", "objective.reference.mode=cached", "data.global_batch_pairs=2")),
+    ("DP2, bf16, distributed optimizer", 2,
+     ("precision.params_dtype=bf16", "parallel.distributed_optimizer=true", "data.global_batch_pairs=2")),
     ("TP2xCP2, bf16, LoRA, full recompute", 4,
      ("parallel.tp=2", "parallel.cp=2", "precision.params_dtype=bf16", "lora.rank=8", "model.recompute=full")),
 )

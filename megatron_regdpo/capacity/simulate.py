@@ -94,6 +94,13 @@ def runnable_config(cfg):
     """The config the simulation builds, and what it replaced: Transformer Engine layers run as the local
     spec (same weights; core attention as SDPA, whose memory is FlashAttention's: q, k, v, out and the
     softmax statistics), and Megatron-FSDP as DDP (sharding is applied analytically, capacity/analytic.py)."""
+    # what the trainer refuses (training/setup.py) cannot be planned either
+    if cfg.parallel.virtual_pp:
+        raise ValueError(f"parallel.virtual_pp={cfg.parallel.virtual_pp}: the trainer builds one model chunk per "
+                         f"stage (no interleaved schedule), so there is no such step to plan; unset it")
+    if cfg.parallel.pp > 1 and cfg.objective.reference.mode != "cached":
+        raise ValueError(f"parallel.pp={cfg.parallel.pp} needs objective.reference.mode='cached' in the trainer, "
+                         f"got {cfg.objective.reference.mode!r}")
     replaced = {}
     if cfg.model.backend == "te":
         replaced["model.backend"] = "te -> local"
@@ -139,6 +146,8 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
     with tracker.stage("build", "grads"):
         ddp = wrap_data_parallel(model, cfg.parallel, pg)
+    # with the distributed optimizer, DDP moves the parameters into one contiguous buffer: still weights
+    tracker.move(list(model.parameters()), "weights")
     with tracker.stage("build", "optimizer"):
         optimizer = build_optimizer(cfg.optim, cfg.parallel, dtype, [ddp], pg)
         ddp.zero_grad_buffer()
