@@ -30,7 +30,7 @@ from megatron_regdpo.parallel.pipeline import forward_backward
 from megatron_regdpo.reference import ReferenceBatch, build_reference
 from megatron_regdpo.training.batches import micro_batches
 from megatron_regdpo.training.optimizer import build_optimizer, optimizer_step
-from megatron_regdpo.training.step import make_forward_step
+from megatron_regdpo.training.step import make_forward_step, reference_pass
 
 from .fake_world import fake_tensor_mode, fake_world
 from .tracker import CATEGORIES, HOST, MemoryTracker
@@ -173,11 +173,8 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
         mbs = micro_batches(_SyntheticPairs(arch, layout.latent_shape, cfg.data.text_len), list(range(per_rank)),
                             per_micro, seed=cfg.run.seed, step=0, fm=fm, device=device, dtype=dtype)
     with tracker.stage("reference", "reference"):
-        reference.begin_step()
-        for mb in mbs:
-            mb["err_ref_w"], mb["err_ref_l"] = reference(ReferenceBatch(
-                x_t=mb["x_t"], timestep=mb["timestep"], text=mb["text"], target=mb["target"], image=mb["image"]))
-        reference.end_step()
+        reference_pass(reference, mbs, lambda mb: ReferenceBatch(
+            x_t=mb["x_t"], timestep=mb["timestep"], text=mb["text"], target=mb["target"], image=mb["image"]))
     settings = RegDPOSettings(cfg.objective.beta, cfg.objective.beta_convention, cfg.objective.dpo_weight,
                               cfg.objective.sft_mode, cfg.objective.sft_weight)
     with tracker.stage("forward_backward", "activations"):

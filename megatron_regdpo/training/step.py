@@ -52,3 +52,12 @@ def make_forward_step(settings: RegDPOSettings, cp_group, on_metrics: Callable[[
         return out_BSP, loss_func
 
     return forward_step
+
+
+def reference_pass(reference, mbs: list[dict], batch_of: Callable[[dict], object]) -> None:
+    """Fill err_ref_w / err_ref_l of every micro-batch (no graph), bracketed by the reference's
+    begin_step/end_step (cpu_swap copies its weights in once for all of them)."""
+    reference.begin_step()
+    for mb in mbs:
+        mb["err_ref_w"], mb["err_ref_l"] = reference(batch_of(mb))
+    reference.end_step()

@@ -19,7 +19,7 @@ from .batches import micro_batches
 from .metrics import DGRAlarm, average_microbatches, peak_memory_gb, reduce_over_group, step_metrics
 from .metrics import objective_metrics as objective_names
 from .optimizer import lr_at, optimizer_step, set_lr
-from .step import make_forward_step
+from .step import make_forward_step, reference_pass
 
 
 class StopRequested:
@@ -58,8 +58,7 @@ def evaluate(run) -> dict:
         for start in range(0, len(ids), per_micro):
             mbs = micro_batches(run.dataset, ids[start:start + per_micro], per_micro, seed=cfg.run.seed,
                                 step=noise_step, draw=draw, fm=run.flow_matching, device=run.device, dtype=run.dtype)
-            for mb in mbs:
-                mb["err_ref_w"], mb["err_ref_l"] = run.reference(run.reference_batch(mb))
+            reference_pass(run.reference, mbs, run.reference_batch)
             forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, collected.append,
                                                                pair_forward=cfg.objective.pair_forward),
                              iter(mbs), num_microbatches=len(mbs), tokens=run.tokens, micro_batch_size=2 * per_micro,
@@ -86,10 +85,7 @@ def train(run, log) -> int:
             noise_step, draw = run.reference.noise_key(step, run.sampler.epoch)
             mbs = micro_batches(run.dataset, ids, per_micro, seed=cfg.run.seed, step=noise_step, draw=draw,
                                 fm=run.flow_matching, device=run.device, dtype=run.dtype)
-            run.reference.begin_step()
-            for mb in mbs:
-                mb["err_ref_w"], mb["err_ref_l"] = run.reference(run.reference_batch(mb))
-            run.reference.end_step()
+            reference_pass(run.reference, mbs, run.reference_batch)
 
             set_lr(run.optimizer, lr := lr_at(step, cfg.optim, cfg.schedule))
             for chunk in run.model_chunks:

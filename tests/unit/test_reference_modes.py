@@ -173,3 +173,18 @@ def test_build_reference_rejects_bad_requests(setup, pg):
     with pytest.raises(FileNotFoundError):
         build_reference("cached", cache_path=setup["tmp"] / "nope")
 
+
+
+def test_reference_pass_brackets_cpu_swap(setup, pg):
+    """training.step.reference_pass (the trainer's step, its evaluation and the capacity planner) copies the
+    cpu_swap weights in for the pass and drops them after: evaluation after a step used to find them gone."""
+    from megatron_regdpo.training.step import reference_pass
+
+    ref = _build("cpu_swap", setup, pg)
+    ref.end_step()
+    mbs = [{"batch": b} for b in _batches()]
+    reference_pass(ref, mbs, lambda mb: mb["batch"])
+    assert not ref.swapped_in
+    for mb, (want_w, want_l) in zip(mbs, setup["want"]):
+        torch.testing.assert_close(mb["err_ref_w"], want_w)
+        torch.testing.assert_close(mb["err_ref_l"], want_l)

@@ -21,7 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_regdpo.parallel.context import all_gather_seq
 
-from .lean import Rope
+from .lean import ContiguousGrad, Rope
 
 SpecOrType = Union[ModuleSpec, type]
 
@@ -56,22 +56,6 @@ class ContextParallelSDPAttention(SDPAttention):
                 attention_bias=None, packed_seq_params=None):
         key, value = all_gather_seq(key, self.cp_group), all_gather_seq(value, self.cp_group)
         return self._attend(query, key, value, attention_mask)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient. The cross-attention query's gradient comes
-    back from attention in [B, H, S, K] order, i.e. strided in the [S, B, D] layout of linear_q's output;
-    a frozen (LoRA base) linear's backward then multiplies it as `grad.matmul(weight)`, which torch cannot
-    fold into one GEMM for a strided input: it expands the weight over the sequence into a batched matmul
-    (on CPU the weight is materialised S times over)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
 
 
 @dataclass
@@ -165,7 +149,7 @@ class WanCrossAttention(_WanAttentionBase):
     def forward(self, x_SBD: torch.Tensor, context_TBD: torch.Tensor) -> torch.Tensor:
         img_TBD, txt_TBD = context_TBD[: self.image_tokens], context_TBD[self.image_tokens:]
         q, _ = self.linear_q(x_SBD)
-        q = self._normed(self.q_norm, _ContiguousGrad.apply(q).unflatten(-1, (self.heads, self.head_dim)))
+        q = self._normed(self.q_norm, ContiguousGrad.apply(q).unflatten(-1, (self.heads, self.head_dim)))
         kv, _ = self.linear_kv(txt_TBD)
         k, v = self._heads(kv, 2)
         out = self._attend(q, self._normed(self.k_norm, k), v.contiguous())

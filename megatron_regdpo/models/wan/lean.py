@@ -9,6 +9,7 @@ backward needs in the model's dtype (or nothing) and redoes the cheap fp32 arith
 - modulated_norm / norm_only: norm (+ scale, shift) under a local checkpoint that keeps its bf16 input;
 - GatedResidual: x + branch * gate keeps branch and gate (x's gradient is the incoming one);
 - Rope: a rotation keeps only the angle table (its backward rotates back);
+- ContiguousGrad: not a saving; it keeps a strided gradient from reaching a frozen linear's backward;
 - RMSNormAcrossHeads: keeps x and the [S, B, 1] inverse RMS; its backward all-reduces the same [S, B, 1]
   statistic over TP that autograd's graph did, so the communication is unchanged.
 Forward values are bitwise those of the plain code; gradients equal to rounding (tests/unit/test_lean.py).
@@ -20,22 +21,45 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 
+def _recomputed(fn, *args):
+    """fn(*args), keeping only its inputs for backward (a local checkpoint; plain call without a graph)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 def _modulate(norm, x, shift, scale):
     return (norm(x) * (1 + scale) + shift).type_as(x)
 
 
+def _normed(norm, x):
+    return norm(x).type_as(x)
+
+
 def modulated_norm(norm, x_SBD, shift_BD, scale_BD):
     """(norm(x) * (1 + scale) + shift) in fp32, cast to x's dtype; backward recomputes the fp32 part."""
-    if not torch.is_grad_enabled():
-        return _modulate(norm, x_SBD, shift_BD, scale_BD)
-    return checkpoint(_modulate, norm, x_SBD, shift_BD, scale_BD, use_reentrant=False, preserve_rng_state=False)
+    return _recomputed(_modulate, norm, x_SBD, shift_BD, scale_BD)
 
 
 def norm_only(norm, x_SBD):
     """norm(x) cast to x's dtype (the affine cross-attention norm), keeping x rather than its fp32 copy."""
-    if not torch.is_grad_enabled():
-        return norm(x_SBD).type_as(x_SBD)
-    return checkpoint(lambda n, x: n(x).type_as(x), norm, x_SBD, use_reentrant=False, preserve_rng_state=False)
+    return _recomputed(_normed, norm, x_SBD)
+
+
+class ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient. The cross-attention query's gradient comes
+    back from attention in [B, H, S, K] order, i.e. strided in the [S, B, D] layout of linear_q's output;
+    a frozen (LoRA base) linear's backward then multiplies it as `grad.matmul(weight)`, which torch cannot
+    fold into one GEMM for a strided input: it expands the weight over the sequence into a batched matmul
+    (on CPU the weight is materialised S times over)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class GatedResidual(torch.autograd.Function):
