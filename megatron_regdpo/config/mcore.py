@@ -30,8 +30,7 @@ def transformer_config(arch, parallel=None, params_dtype: torch.dtype = torch.fl
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         fp8="hybrid" if fp8 else None, fp8_recipe={"delayed": "delayed", "current": "tensorwise"}.get(fp8, "delayed"),
         use_cpu_initialization=True, perform_initialization=init_weights,
-        recompute_granularity=None if recompute == "none" else recompute,
-        recompute_method="uniform" if recompute == "full" else None,
-        recompute_num_layers=1 if recompute == "full" else None,
+        # full recompute is the Wan layer's own (models/wan/layer.py), not megatron's block-level one
+        recompute_granularity="selective" if recompute == "selective" else None,
         recompute_modules=["core_attn"] if recompute == "selective" else None,
     )

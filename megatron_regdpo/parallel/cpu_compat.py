@@ -19,7 +19,7 @@ import torch
 
 _APPLIED: list[str] = []
 
-# module -> the CUDA assumptions in it that CPU runs hit (megatron-core 0.16; same code in 0.19)
+# module -> the CUDA assumptions in it that CPU runs hit (megatron-core 0.16.1 through 0.19.2)
 LENSED_MODULES = {
     "megatron.core.tensor_parallel.mappings":
         "_gather_along_first_dim/_reduce_scatter_along_first_dim allocate on torch.cuda.current_device()",
@@ -38,7 +38,8 @@ LENSED_MODULES = {
     "megatron.core.dist_checkpointing.strategies.filesystem_async":
         "FileSystemWriterAsync.preload_tensors calls torch.cuda.synchronize()",
     "megatron.core.distributed.param_and_grad_buffer":
-        "grad/param buffers allocated on torch.cuda.current_device()",
+        "grad/param buffers allocated on torch.cuda.current_device(); from 0.19 start_grad_sync waits "
+        "on torch.cuda.current_stream() for CUDA-graph gradient events",
     "megatron.core.distributed.distributed_data_parallel":
         "torch.cuda.synchronize/empty_cache around buffer (re)allocation",
     "megatron.core.optimizer.optimizer":
@@ -67,11 +68,30 @@ def _cpu_device(device):
     return device
 
 
+class _CpuStream:
+    """The CPU's one stream: every operation has completed when it returns, so waits are no-ops."""
+
+    def wait_event(self, event):
+        return None
+
+    def wait_stream(self, stream):
+        return None
+
+    def synchronize(self):
+        return None
+
+
 class _CpuCuda:
     """torch.cuda as seen through the lens."""
 
     def current_device(self):
         return "cpu"
+
+    def current_stream(self, device=None):
+        return _CpuStream()
+
+    def default_stream(self, device=None):
+        return _CpuStream()
 
     def synchronize(self, device=None):
         return None

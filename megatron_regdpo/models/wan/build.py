@@ -1,7 +1,8 @@
 """build_wan: the one function that turns an architecture + config sections into this rank's model.
 
-Order (torchtitan's): choose the layer spec (te|local, FP8 capability comes with te), build the stage's
-modules with TP-sharded linears, then (later issues) LoRA, recompute and data-parallel wrapping.
+Order (torchtitan's): choose the layer spec (te|local, FP8 capability comes with te; full recompute is a
+property of the layer, see layer.py), build the stage's modules with TP-sharded linears; LoRA and
+data-parallel wrapping follow in the trainer's setup.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def build_wan(arch: WanArch, pg_collection, parallel=None, params_dtype: torch.d
     pp_size = torch.distributed.get_world_size(pg_collection.pp)
     spec = wan_layer_spec(backend, with_image=arch.image_dim is not None, image_tokens=arch.image_tokens,
                           cross_attn_norm=arch.cross_attn_norm,
-                          cp_size=torch.distributed.get_world_size(pg_collection.cp))
+                          cp_size=torch.distributed.get_world_size(pg_collection.cp),
+                          recompute_full=recompute == "full")
     model = WanModel(config, arch, spec, pg_collection, pre_process=pp_rank == 0,
                      post_process=pp_rank == pp_size - 1, vp_stage=vp_stage)
     if not init_weights:
@@ -33,14 +35,20 @@ def build_wan(arch: WanArch, pg_collection, parallel=None, params_dtype: torch.d
 
 
 def _tag_tensor_parallel_weights(model: torch.nn.Module) -> None:
-    """megatron-core marks a TP linear's weight as split (`tensor_model_parallel`, `partition_dim`) only
-    inside its initialisation; weights built to be loaded instead need the same marks, which grad
-    norms, DDP and optimizers read."""
+    """A TP linear's weight must carry the split marks (`tensor_model_parallel`, `partition_dim`) that grad
+    norms, DDP and optimizers read. megatron-core 0.16-0.17 set them only inside initialisation, 0.18+
+    and Transformer Engine's linears also when built to be loaded; megatron's setter asserts they are
+    absent, so only unmarked weights are marked (whatever the version)."""
     for module in model.modules():
         split_dim = {"ColumnParallelLinear": 0, "TEColumnParallelLinear": 0,
                      "RowParallelLinear": 1, "TERowParallelLinear": 1}.get(type(module).__name__)
-        if split_dim is not None and getattr(module, "weight", None) is not None:
-            set_tensor_model_parallel_attributes(module.weight, True, split_dim, 1)
+        weight = getattr(module, "weight", None)
+        if split_dim is None or weight is None:
+            continue
+        if hasattr(weight, "tensor_model_parallel"):
+            assert (weight.tensor_model_parallel, weight.partition_dim) == (True, split_dim), type(module).__name__
+        else:
+            set_tensor_model_parallel_attributes(weight, True, split_dim, 1)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

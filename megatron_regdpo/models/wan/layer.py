@@ -6,16 +6,23 @@ adaLN: the time embedding's 6-way projection (shift, scale, gate for self-attent
 FFN) plus this block's learned `scale_shift_table`. Modulation runs in fp32 and casts back, as Wan does;
 lean.py keeps only model-dtype tensors of it for backward.
 
-TransformerBlock calls every layer with a fixed keyword set, and under full recompute forwards only
-(hidden_states, attention_mask, context, context_mask, rotary_pos_emb, ...). A DiT has no attention
-mask, so the per-sample modulation travels in the `attention_mask` slot; the RoPE table travels in
-`rotary_pos_emb` as stack(cos, sin). Both slots survive recompute and pipeline stages unchanged.
+TransformerBlock calls every layer with a fixed keyword set (hidden_states, attention_mask, context,
+context_mask, rotary_pos_emb, ...). A DiT has no attention mask, so the per-sample modulation travels in
+the `attention_mask` slot; the RoPE table travels in `rotary_pos_emb` as stack(cos, sin).
+
+Full recompute is the layer's own (`recompute_full`, set by the spec): it checkpoints its whole forward
+with megatron-core's CheckpointFunction (TE's under FP8), keeping only its inputs, exactly what
+megatron's block-level `recompute_granularity: full` (uniform, 1 layer) does. It is not left to the block
+because the block's recompute changed across megatron-core versions: from 0.18
+(megatron/core/recompute.py) it hands `context` only to TransformerLayer instances, and this layer is not
+one, so cross-attention would get None.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
@@ -34,9 +41,11 @@ class WanLayerSubmodules:
 
 class WanLayer(MegatronModule, BaseTransformerLayer):
     def __init__(self, config, submodules: WanLayerSubmodules, layer_number: int = 1,
-                 pg_collection=None, vp_stage=None, cross_attn_norm: bool = True, **unused):
+                 pg_collection=None, vp_stage=None, cross_attn_norm: bool = True, recompute_full: bool = False,
+                 **unused):
         super().__init__(config=config)
         self.tp_group = pg_collection.tp
+        self.recompute_full = recompute_full
         # global 1-based index: TransformerBlock derives checkpoint keys from it under PP
         self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, get_pg_rank(pg_collection.pp))
         d, eps = config.hidden_size, config.layernorm_epsilon
@@ -54,6 +63,18 @@ class WanLayer(MegatronModule, BaseTransformerLayer):
         setattr(self.scale_shift_table, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None, **unused):
+        if self.recompute_full and self.training and torch.is_grad_enabled():
+            return self._checkpointed(hidden_states, attention_mask, context, rotary_pos_emb)
+        return self._forward(hidden_states, attention_mask, context, rotary_pos_emb)
+
+    def _checkpointed(self, *args):
+        if self.config.fp8:  # TE's checkpoint keeps the FP8 scaling state consistent across the recompute
+            from megatron.core.extensions.transformer_engine import te_checkpoint
+            return te_checkpoint(self._forward, False, tensor_parallel.random.get_cuda_rng_tracker,
+                                 self.tp_group, *args)
+        return tensor_parallel.checkpoint(self._forward, False, *args)
+
+    def _forward(self, hidden_states, attention_mask, context, rotary_pos_emb):
         x_SBD, modulation_B6D = hidden_states, attention_mask
         mod_6BD = (self.scale_shift_table.float() + modulation_B6D.float()).transpose(0, 1)
         shift, scale, gate, c_shift, c_scale, c_gate = mod_6BD.unbind(0)

@@ -57,6 +57,7 @@ class WanModel(MegatronModule):
             setattr(p, "pipeline_parallel", True)
         config.has_cond_embedder = True  # read by megatron-core's finalize_model_grads
         self.rope = Rope3D(arch)
+        self.recompute_full = bool(layer_spec.params.get("recompute_full"))
         self.decoder = TransformerBlock(config, layer_spec, post_layer_norm=False, pre_process=pre_process,
                                         post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
         if post_process:
@@ -100,9 +101,8 @@ class WanModel(MegatronModule):
             x_SBD = self.patch_embedding(latents_BCFHW).flatten(2).permute(2, 0, 1)[start:end].contiguous()
             if self.sequence_parallel:
                 x_SBD = scatter_to_sequence_parallel_region(x_SBD, group=self.tp_group)
-        if x_SBD is not None and self.config.recompute_granularity == "full" and torch.is_grad_enabled() \
-                and not x_SBD.requires_grad:
-            # megatron-core's full recompute is a reentrant autograd Function: its output requires grad only
+        if x_SBD is not None and self.recompute_full and torch.is_grad_enabled() and not x_SBD.requires_grad:
+            # full recompute is megatron-core's reentrant CheckpointFunction: its output requires grad only
             # if one of its inputs does. With a frozen patch embedding and conditioning (LoRA) none does,
             # and the adapters inside the blocks would silently get no gradient at all.
             x_SBD = x_SBD.detach().requires_grad_()

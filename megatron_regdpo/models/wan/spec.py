@@ -49,11 +49,11 @@ def _te_cross_attention():
 
 
 def wan_layer_spec(backend: str, with_image: bool, image_tokens: int, cross_attn_norm: bool,
-                   cp_size: int = 1) -> ModuleSpec:
+                   cp_size: int = 1, recompute_full: bool = False) -> ModuleSpec:
     column, row, core, cross_core = _backend_modules(backend, cp_size)
     return ModuleSpec(
         module=WanLayer,
-        params={"cross_attn_norm": cross_attn_norm},
+        params={"cross_attn_norm": cross_attn_norm, "recompute_full": recompute_full},
         submodules=WanLayerSubmodules(
             self_attention=ModuleSpec(module=WanSelfAttention, submodules=WanSelfAttentionSubmodules(
                 linear_qkv=column, core_attention=core, linear_proj=row, qk_norm=AcrossHeadsRMSNorm)),
