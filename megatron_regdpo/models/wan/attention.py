@@ -27,15 +27,18 @@ SpecOrType = Union[ModuleSpec, type]
 
 
 class SDPAttention(MegatronModule):
-    """Core attention on torch SDPA with TEDotProductAttention's interface (sbhd in, [S, B, H*K] out)."""
+    """Core attention on torch SDPA with TEDotProductAttention's interface (sbhd in, [S, B, H*K] out).
+
+    `forward` takes the mask arguments positionally and without defaults, as TE's does, so a caller that
+    omits them fails here on CPU rather than at the first te forward on a GPU."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=AttnMaskType.no_mask,
                  attention_type: str = "self", softmax_scale=None, pg_collection=None, **unused):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
+                packed_seq_params=None):
         return self._attend(query, key, value, attention_mask)
 
     def _attend(self, query, key, value, attention_mask):
@@ -52,8 +55,8 @@ class ContextParallelSDPAttention(SDPAttention):
         super().__init__(config, layer_number, pg_collection=pg_collection, **kwargs)
         self.cp_group = pg_collection.cp
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
+                packed_seq_params=None):
         key, value = all_gather_seq(key, self.cp_group), all_gather_seq(value, self.cp_group)
         return self._attend(query, key, value, attention_mask)
 
@@ -100,8 +103,13 @@ class _WanAttentionBase(MegatronModule):
         """Core attention; under selective recompute its activations are recomputed in backward
         (megatron-core's `recompute_granularity: selective`, modules ["core_attn"])."""
         if self.recompute_core_attention and self.training and torch.is_grad_enabled():
-            return tensor_parallel.checkpoint(self.core_attention, False, q, k, v)
-        return self.core_attention(q, k, v, attention_mask=None)
+            return tensor_parallel.checkpoint(self._core_attention, False, q, k, v)
+        return self._core_attention(q, k, v)
+
+    def _core_attention(self, q, k, v):
+        # The one call into core attention, TE's or ours: a DiT attends without a mask, said explicitly
+        # (TEDotProductAttention.forward has no default for attn_mask_type and reads its .name).
+        return self.core_attention(q, k, v, None, AttnMaskType.no_mask)
 
     def _column(self, spec, in_size, out_size, config, name):
         return build_module(
