@@ -125,7 +125,7 @@ def measure_cuda_step(cfg) -> dict:
                              on_step_start=lambda: (torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()))
         measured = torch.cuda.max_memory_allocated()
     destroy_distributed()
-    planned = simulate_step(cfg, 1, fake=True)
+    planned = simulate_step(cfg, 1, fake=True, device="cuda")  # megatron allocates on the GPU here
     return {"device": torch.cuda.get_device_name(), "measured_step": measured, "planned_step": planned.peak,
             "tracked_real_step": real.peak, "rel_error": planned.peak / measured - 1,
             "planned_breakdown": planned.breakdown}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from megatron_regdpo.config import ConfigError, validate, with_overrides
 from megatron_regdpo.models.wan.arch import resolve_arch
 
@@ -38,13 +40,20 @@ class Budget:
         return f"{self.total_gib:g} GiB card - {self.reserve_gib:g} GiB reserve = {self.usable / GiB:.1f} GiB for tensors"
 
 
+def planning_device() -> str:
+    """Where the simulated step's tensors live: the device megatron-core itself allocates on here. On a GPU
+    host megatron's DDP buffers go to torch.cuda.current_device() whatever the caller asks, so a plan on
+    "cpu" there would mix devices; fake CUDA tensors take no GPU memory."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def plan(cfg, world_size: int) -> StepMemory:
     """The heaviest rank's memory over one training step of `cfg` on `world_size` GPUs."""
     arch = resolve_arch(cfg.model)
     layout = validate(cfg, world_size, arch)
     # megatron's rank order puts pipeline stages outermost: the last stage starts at world - world/pp
     ranks = sorted({0, world_size - world_size // layout.pp})
-    mems = [simulate_step(cfg, world_size, rank) for rank in ranks]
+    mems = [simulate_step(cfg, world_size, rank, device=planning_device()) for rank in ranks]
     out = []
     for mem in mems:
         if cfg.parallel.fsdp:
