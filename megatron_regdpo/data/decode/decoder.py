@@ -14,7 +14,8 @@ import torch
 
 from megatron_regdpo.data.errors import BadInput, DecodeFailure
 
-from .dali_backend import DALI_CPU_CODECS, DALI_NVDEC_CODECS, DaliDecoder, dali_available, nvdec_available
+from .dali_backend import (DALI_CPU_CODECS, DALI_NVDEC_CODECS, DaliDecoder, cuda_device_index, dali_available,
+                           nvdec_available)
 from .normalize import bucket_hw, fit_frames, nearest_bucket, select_frames
 from .probe import VideoInfo, probe
 from .pyav_backend import decode_pyav
@@ -104,7 +105,7 @@ class Clip:
 class VideoDecoder:
     def __init__(self, opts: DecodeOptions):
         self.opts = opts
-        self._dali: dict[str, DaliDecoder] = {}
+        self._dali: dict[tuple[str, int | None], DaliDecoder] = {}  # (device, CUDA index) -> decoder
 
     def backends_for(self, codec: str) -> list[str]:
         """The preference list for `codec`, keeping the backends that can decode it on this machine."""
@@ -146,10 +147,11 @@ class VideoDecoder:
         if backend == "pyav":
             frames_THWC = decode_pyav(info.path, indices)
             return frames_THWC.to(self.opts.device) if self.opts.device == "cuda" else frames_THWC
-        device = "gpu" if backend == "dali-nvdec" else "cpu"
-        if device not in self._dali:
-            self._dali[device] = DaliDecoder(device)
-        return self._dali[device].decode(info.path, indices, info.codec)
+        # NVDEC on this process's GPU (where PyAV's frames go too), not GPU 0 for every rank
+        key = ("gpu", cuda_device_index(self.opts.device)) if backend == "dali-nvdec" else ("cpu", None)
+        if key not in self._dali:
+            self._dali[key] = DaliDecoder(key[0], device_id=key[1])
+        return self._dali[key].decode(info.path, indices, info.codec)
 
 
 def _capable(backend: str, codec: str) -> bool:
