@@ -47,5 +47,11 @@ test: $(STAMP)
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -m pytest -q tests
 
+# The one-call GPU check (docs/gpu.md): the machine's python3, no .venv; the device tool sets OUT.
+# Its CPU smoke mode (--cpu-smoke) runs inside both test lanes (tests/integration/test_gpu_check.py).
+OUT ?= runs/gpu_check
+gpu-check:
+	$(PYTHON) -u tools/gpu_check.py --out $(OUT) --wheels .whl
+
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) runs .pytest_cache

@@ -113,11 +113,13 @@ def runnable_config(cfg):
 
 
 def simulate_step(cfg, world_size: int, rank: int = 0, *, fake: bool = True, granule: int = 512,
-                  pg=None, on_step_start=None, device: str = "cpu") -> StepMemory:
+                  pg=None, on_step_start=None, device: str = "cpu", on_built=None) -> StepMemory:
     """Memory of `rank` over one training step of `cfg` (see the module docstring). `pg`: the process
     groups when `fake=False` (the caller's world); a fake world is made when `fake=True`.
     `on_step_start()`: called between the build and the step (a measurement marks the split there).
-    `device`: where a real run (fake=False) puts the model and batches, as the trainer does ("cuda" on a GPU)."""
+    `device`: where a real run (fake=False) puts the model and batches, as the trainer does ("cuda" on a GPU).
+    `on_built(model)`: called on the policy model once built on `device`, before LoRA: the model is built
+    without initialising its weights, so a timed run fills them there (random values, not garbage)."""
     arch = resolve_arch(cfg.model)
     layout = validate(cfg, world_size, arch)
     run_cfg, replaced = runnable_config(cfg)
@@ -125,12 +127,13 @@ def simulate_step(cfg, world_size: int, rank: int = 0, *, fake: bool = True, gra
     tracker = MemoryTracker(granule=granule, fake=fake, device_type=device.type)
     world = fake_world(run_cfg.parallel, world_size, rank, seed=cfg.run.seed) if fake else nullcontext(pg)
     with world as groups, (fake_tensor_mode() if fake else nullcontext()), tracker:
-        result = _step(run_cfg, arch, layout, groups, tracker, on_step_start, device)
+        result = _step(run_cfg, arch, layout, groups, tracker, on_step_start, device, on_built)
     result.rank, result.world_size, result.simulated_as = rank, world_size, replaced
     return result
 
 
-def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, device=torch.device("cpu")) -> StepMemory:
+def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, device=torch.device("cpu"),
+          on_built=None) -> StepMemory:
     dtype = DTYPES[cfg.precision.params_dtype]
     mode = cfg.objective.reference.mode
 
@@ -140,6 +143,8 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
 
     with tracker.stage("build", "weights"):
         model = build_base()
+        if on_built is not None:
+            on_built(model)
         if cfg.lora.rank > 0:
             from megatron_regdpo.models.lora import apply_lora
 
