@@ -17,10 +17,11 @@ import dataclasses
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from megatron_regdpo.parallel.procs import run_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = [("vp9", "webm", 96, 64, 40, 24), ("vp9", "webm", 128, 96, 36, 30), ("h264", "mp4", 80, 64, 40, 30),
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
            # LoRA as in the paper (rank 16 / alpha 32 at full size), reference = the base with adapters off
            "lora.rank=4", "lora.alpha=8", "objective.reference.mode=lora_base", "optim.lr=1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    if subprocess.run(cmd, env=env).returncode:
+    if run_tree(cmd, env=env):  # interrupted: torchrun's ranks end too
         return 1
     _stage(5, "export to diffusers, plot")
     latest = out / "train" / "checkpoints" / (out / "train" / "checkpoints" / "latest").read_text().strip()

@@ -1,14 +1,43 @@
-"""Shared fixtures: one single-process distributed setup per session, a fixed seed per test."""
+"""Shared fixtures: one single-process distributed setup per session, a fixed seed per test; a session
+that leaves a process it started alive fails (tests/_procs.py)."""
 from __future__ import annotations
 
+import sys
+
+import _procs
 import pytest
 import torch
+
+SESSION_TOKEN = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
     # megatron-core warns on import (and again per module) when neither TE nor Apex is present;
     # on CPU test machines that is expected and only drowns the real warnings.
     config.addinivalue_line("filterwarnings", "ignore:Transformer Engine and Apex are not installed:UserWarning")
+    config.stash[SESSION_TOKEN] = _procs.tag_session()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own session teardown (session fixtures)
+def pytest_sessionfinish(session):
+    """Any process this session started that is still alive is a leftover: name it, end it (by pid), and
+    fail the run, even when every test passed."""
+    left = _procs.carrying(session.config.stash[SESSION_TOKEN])
+    if not left:
+        return
+    lines = [_procs.describe(p) for p in left]
+    alive = _procs.kill_all(left)
+    lines.append(f"killed {len(left) - len(alive)}" + (f"; still alive: {[p.pid for p in alive]}" if alive else ""))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_sep("=", f"{len(left)} leftover process(es) started by this session", red=True)
+        for line in lines:
+            reporter.write_line(line)
+    else:
+        print("leftover processes:", *lines, sep="\n", file=sys.stderr)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

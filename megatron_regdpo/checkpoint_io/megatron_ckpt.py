@@ -2,16 +2,24 @@
 
 A checkpoint folder also carries `model.json` (family + architecture), so tools can rebuild the model
 without a recipe. dist_checkpointing reshards on load: save under one parallel layout, load under another.
+Saves go through save_sharded, which leaves no process behind, even when the saver is killed mid-save.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import queue
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 META_FILE = "model.json"
 
@@ -36,14 +44,57 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, meta: dict) -> None
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(partial),
-                            sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+    save_sharded(model.sharded_state_dict(), partial)
     if rank0:
         (partial / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if ckpt_dir.exists():
             ckpt_dir.rmdir()
         partial.rename(ckpt_dir)
     barrier()
+
+
+_saver: tuple[int, int] | None = None  # (pid, thread) while a save runs
+_prctl = None  # libc's prctl, looked up once in the parent (no dlopen in a forked child)
+
+
+def _writer_dies_with_saver() -> None:
+    """At fork, in the child. megatron-core (<= 0.16) forks a writer per file in the saving thread; one
+    forked during a save is SIGKILLed by the kernel when the saver dies (Linux PR_SET_PDEATHSIG), so a
+    killed trainer's writers neither keep writing into a save no one publishes nor hang on its queue."""
+    global _saver
+    if _saver is None or not _prctl or threading.get_ident() != _saver[1]:
+        return
+    saver_pid, _saver = _saver[0], None  # this child's own forks are not a save's writers
+    _prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != saver_pid:  # the saver died before that took effect
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def writers_die_with_this_process():
+    """Processes forked by this thread inside the block die with this process (Linux; elsewhere a no-op)."""
+    global _saver, _prctl
+    if _prctl is None:
+        _prctl = getattr(ctypes.CDLL(None), "prctl", False)  # False: not Linux, looked up already
+        if _prctl:
+            os.register_at_fork(after_in_child=_writer_dies_with_saver)
+    _saver = (os.getpid(), threading.get_ident())
+    try:
+        yield
+    finally:
+        _saver = None
+
+
+def save_sharded(state: dict, path: str | Path) -> None:
+    """dist_checkpointing.save (torch_dist), synchronously, starting no process that can outlive this one."""
+    # megatron-core passes a save's write results through a multiprocessing Manager queue: a server process
+    # (plus a resource tracker) that lives as long as the saver and is left running when the saver is
+    # SIGKILLed. A synchronous save writes and reads that queue in this process, so a plain queue does;
+    # only megatron's async save (not used here) needs theirs.
+    if hasattr(filesystem_async, "_results_queue") and filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    with writers_die_with_this_process():
+        dist_checkpointing.save(state, str(path), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:

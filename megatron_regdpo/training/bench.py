@@ -92,6 +92,7 @@ def run_point(recipe: str | Path, point: tuple[str, ...], *, sets: list[str], wo
               warmup: int, workdir: Path, peak_tflops: float | None = None, timeout: float | None = None) -> dict:
     """Validate, run and measure one point; returns its JSON record (never raises for a bad point)."""
     from megatron_regdpo.models.wan.arch import resolve_arch
+    from megatron_regdpo.parallel.procs import run_tree
     from megatron_regdpo.training.metrics import METRICS_FILE, read_metrics
 
     record = {"overrides": list(point), "sets": list(sets), "world_size": world_size, "steps": steps,
@@ -114,8 +115,8 @@ def run_point(recipe: str | Path, point: tuple[str, ...], *, sets: list[str], wo
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     log_path = scratch / "train.log"
     with open(log_path, "w") as log:
-        try:
-            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        try:  # on a timeout, torchrun and its ranks end (run_tree)
+            rc = run_tree(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = f"timeout after {timeout} s"
     try:

@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
-from megatron_regdpo.checkpoint_io.megatron_ckpt import META_FILE, barrier, is_rank0
+from megatron_regdpo.checkpoint_io.megatron_ckpt import META_FILE, barrier, is_rank0, save_sharded
 from megatron_regdpo.parallel.data_parallel import unwrap
 
 LATEST = "latest"
@@ -62,7 +61,7 @@ class Checkpointer:
             partial.mkdir(parents=True)
         barrier()
         state = _sharded_state(model_chunks, optimizer, {**trainer_state, "step": step}, is_loading=False)
-        dist_checkpointing.save(state, str(partial), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+        save_sharded(state, partial)  # its writer processes die with this one
         barrier()
         if is_rank0():
             if self.meta is not None:

@@ -46,6 +46,13 @@ def test_invalid_point_is_recorded_not_run(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was launched
 
 
+def test_timed_out_point_is_recorded_and_ended(tmp_path):
+    # ended with everything it started (the session guard in conftest.py fails the run on a leftover)
+    record = run_point(TINY, (), sets=["data.store=/nowhere"], world_size=1, steps=2, warmup=1, workdir=tmp_path,
+                       timeout=1)
+    assert record["status"].startswith("failed (rc timeout after 1 s)"), record["status"]
+
+
 def test_cli_errors(tmp_path, capsys):
     main = _tool().main
     assert main(["--config", TINY, "--sweep", "model.recomp=none,full", "--out", str(tmp_path / "b.jsonl")]) == 2

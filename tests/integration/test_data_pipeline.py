@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from megatron_regdpo.data.decode.synth import make_test_clips, write_video
 from megatron_regdpo.data.encode import tiny_models
 from megatron_regdpo.data.store import GTPairStore
+from megatron_regdpo.parallel.procs import kill_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,7 +126,7 @@ def test_killed_preprocessing_resumes_to_a_complete_store(tmp_path, models, caps
                 break
         time.sleep(0.02)
     assert proc.poll() is None, f"preprocessing ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
+    kill_tree(proc.pid)  # SIGKILL, with anything it started (by pid): nothing of it outlives the test
     proc.wait()
     assert 2 <= committed < n
     # killed: some clips committed, maybe one half-written; the rerun finishes the job

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _procs import describe
+
+from megatron_regdpo.parallel.procs import kill_all, kill_tree, stop_tree, wait_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "recipes" / "debug" / "tiny_cpu.yaml")
@@ -94,10 +97,23 @@ def test_non_finite_steps_are_skipped_then_abort(store, tmp_path, monkeypatch):
     assert [x["optim/skipped_steps"] for x in m] == [0, 1, 1, 2, 3]   # step index 1 skipped, 3 and 4 abort
 
 
-def _start(store, out, steps, *extra):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "megatron_regdpo.train", *_args(store, out, steps, *extra)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def start():
+    """Start the trainer CLI; whatever a test leaves running of it (a failed wait, a kill) is ended after
+    the test, with everything it started, by pid."""
+    procs = []
+
+    def _start(store, out, steps, *extra):
+        cmd = [sys.executable, "-m", "megatron_regdpo.train", *_args(store, out, steps, *extra)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return procs[-1]
+
+    yield _start
+    for proc in procs:
+        if proc.poll() is None:  # not yet reaped, so the pid is still this trainer's
+            kill_tree(proc.pid)
+        proc.communicate()
 
 
 def _wait_for(predicate, proc, timeout=120.0):
@@ -111,10 +127,17 @@ def _wait_for(predicate, proc, timeout=120.0):
     return False
 
 
-def test_sigterm_saves_at_step_boundary_and_exits_0(store, tmp_path):
-    proc = _start(store, tmp_path, 1000)
+def _output(proc) -> str:
+    """The trainer's output so far, for a failure message (it is ended first: it may still be running)."""
+    if proc.poll() is None:
+        kill_tree(proc.pid)
+    return proc.communicate()[0]
+
+
+def test_sigterm_saves_at_step_boundary_and_exits_0(store, tmp_path, start):
+    proc = start(store, tmp_path, 1000)
     jsonl = tmp_path / "tiny-cpu" / "metrics.jsonl"
-    assert _wait_for(lambda: jsonl.exists() and jsonl.read_text().count("\n") >= 2, proc), proc.communicate()[0]
+    assert _wait_for(lambda: jsonl.exists() and jsonl.read_text().count("\n") >= 2, proc), _output(proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -123,16 +146,22 @@ def test_sigterm_saves_at_step_boundary_and_exits_0(store, tmp_path):
     assert latest == f"iter_{last:07d}" and "stop requested" in out
 
 
-def test_kill_during_save_leaves_previous_checkpoint(store, tmp_path):
+def test_kill_during_save_leaves_previous_checkpoint(store, tmp_path, start):
     from megatron_regdpo.train import main
     from megatron_regdpo.training.checkpoint import Checkpointer
 
     ckpts = tmp_path / "tiny-cpu" / "checkpoints"
-    proc = _start(store, tmp_path, 1000, "checkpoint.interval=1", "checkpoint.keep=2")
+    proc = start(store, tmp_path, 1000, "checkpoint.interval=1", "checkpoint.keep=2")
     partial_after_first = lambda: (ckpts / "latest").exists() and any(ckpts.glob("*.partial"))  # noqa: E731
-    assert _wait_for(partial_after_first, proc), proc.communicate()[0]
-    proc.kill()
+    assert _wait_for(partial_after_first, proc), _output(proc)
+    started = stop_tree(proc.pid)[1:]   # frozen, so the trainer starts no more: what it started so far
+    proc.kill()                         # the trainer only, as an OOM killer would
     proc.wait()
+    # what it started (checkpoint writers) dies with it, instead of writing on into a save no one publishes
+    survivors = wait_gone(started, timeout=10)
+    names = [describe(p) for p in survivors]
+    kill_all(survivors)
+    assert not names, names
     latest = Checkpointer(ckpts).latest()
     assert latest is not None and (latest / "metadata.json").is_file()
     step = int(latest.name.split("_")[1])
