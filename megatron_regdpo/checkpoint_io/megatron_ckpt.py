@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 META_FILE = "model.json"
@@ -108,5 +109,31 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """The model's tensors from a model checkpoint or a training checkpoint (which also holds optimizer
     and trainer state: dist_checkpointing returns those common entries too; they are not the model's)."""
     wanted = model.sharded_state_dict()
-    state = dist_checkpointing.load(wanted, str(ckpt_dir))
-    model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+    state = load_sharded(wanted, ckpt_dir)
+    model.load_state_dict(with_own_extra_state(model, {k: v for k, v in state.items() if k in wanted}), strict=True)
+
+
+EXTRA_STATE = "_extra_state"
+
+
+def load_sharded(request: dict, ckpt_dir: str | Path) -> dict:
+    """dist_checkpointing.load of `request`, whichever backend (te or local) wrote the checkpoint.
+
+    Transformer Engine modules keep FP8 scaling metadata as `*._extra_state` objects; TE's core attention
+    has some, our SDPA core attention has none, so a checkpoint written by the local backend (conversion
+    from diffusers always builds it) lacks keys a te model asks for. Those are left out of the load and
+    keep the model's fresh state (`with_own_extra_state`); a checkpoint's extra keys are ignored. Any other
+    key the checkpoint lacks is an error that names it."""
+    state, _, absent = dist_checkpointing.load(request, str(ckpt_dir), strict=StrictHandling.RETURN_UNEXPECTED)
+    lacking = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
+    if lacking:
+        shown = ", ".join(lacking[:5]) + (f" (and {len(lacking) - 5} more)" if len(lacking) > 5 else "")
+        raise ValueError(f"checkpoint {ckpt_dir} lacks {len(lacking)} tensor(s) this model needs: {shown}; "
+                       f"was it written for another architecture?")
+    return state
+
+
+def with_own_extra_state(model: torch.nn.Module, loaded: dict) -> dict:
+    """`loaded` (a model state dict) plus the model's own `_extra_state` entries it does not hold."""
+    own = {k: v for k, v in model.state_dict().items() if k.endswith(EXTRA_STATE) and k not in loaded}
+    return {**loaded, **own}

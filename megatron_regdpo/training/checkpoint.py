@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_regdpo.checkpoint_io.megatron_ckpt import META_FILE, barrier, is_rank0, save_sharded
+from megatron_regdpo.checkpoint_io.megatron_ckpt import (META_FILE, barrier, is_rank0, load_sharded, save_sharded,
+                                                         with_own_extra_state)
 from megatron_regdpo.parallel.data_parallel import unwrap
 
 LATEST = "latest"
@@ -85,9 +85,9 @@ class Checkpointer:
         path = Path(path)
         if not (path / "metadata.json").is_file():
             raise FileNotFoundError(f"{path} is not a complete training checkpoint (no metadata.json)")
-        state = dist_checkpointing.load(_sharded_state(model_chunks, optimizer, None, is_loading=True), str(path))
+        state = load_sharded(_sharded_state(model_chunks, optimizer, None, is_loading=True), path)
         for chunk in model_chunks:
-            unwrap(chunk).load_state_dict(state["model"], strict=True)
+            unwrap(chunk).load_state_dict(with_own_extra_state(unwrap(chunk), state["model"]), strict=True)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         return state["trainer"]
