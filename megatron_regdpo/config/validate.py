@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .schema import Config, ConfigError
+from .te_shapes import te_shape_errors
 
 # Wan2.1 geometry: the VAE compresses time by 4 (keeping the first frame) and space
 # by 8; the DiT then patchifies latents with a (1, 2, 2) patch.
@@ -106,7 +107,7 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
 
     # --- video geometry -> sequence length
     tokens, latent = 0, (0, 0, 0)
-    geometry_ok = True
+    geometry_ok = split_ok = True
     if data.frames < 1 or data.frames % VAE_STRIDE_T != 1:
         errors.append(f"data.frames={data.frames} must be 4k+1 (Wan VAE keeps the first frame"
                       f" and compresses time by {VAE_STRIDE_T}), e.g. {max(1, data.frames // 4 * 4 + 1)}")
@@ -122,9 +123,11 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
                f" patches from data.frames={data.frames}, height={data.height}, width={data.width}")
         if cp >= 1 and tokens % cp:
             errors.append(f"video tokens {how} not divisible by parallel.cp={cp}")
+            split_ok = False
         elif par.sequence_parallel and tp >= 1 and cp >= 1 and tokens % (tp * cp):
             errors.append(f"video tokens {how} not divisible by tp*cp = {tp * cp}"
                           f" (sequence parallel shards each CP chunk over tp={tp})")
+            split_ok = False
 
     # --- batch
     micro, global_ = data.micro_batch_pairs, data.global_batch_pairs
@@ -139,6 +142,8 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
     if prec.fp8 != "none" and (cfg.model.backend != "te" or prec.params_dtype != "bf16"):
         errors.append(f"precision.fp8={prec.fp8!r} requires model.backend='te' and params_dtype='bf16'"
                       f" (got backend={cfg.model.backend!r}, params_dtype={prec.params_dtype!r})")
+    if geometry_ok and split_ok and min(tp, cp, micro) >= 1:  # Transformer Engine's FP8 GEMM and CP shapes
+        errors += te_shape_errors(cfg, arch, tokens, latent[0], dp)
     if par.fsdp and par.distributed_optimizer:
         errors.append("parallel.fsdp and parallel.distributed_optimizer are mutually exclusive"
                       " (FSDP already shards optimizer state)")
