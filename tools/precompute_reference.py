@@ -53,8 +53,8 @@ def _run(args) -> int:
     from megatron_regdpo.models.wan.convert import load_checkpoint
     from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
     from megatron_regdpo.parallel.groups import distributed_session
-    from megatron_regdpo.reference import (ResidentReference, precompute_reference_errors, read_pair_bundle,
-                                           write_reference_cache)
+    from megatron_regdpo.reference import (ResidentReference, checkpoint_fingerprint, precompute_reference_errors,
+                                           read_pair_bundle, write_reference_cache)
 
     settings = FlowMatchingSettings(shift=args.shift, timestep_sampling=args.timestep_sampling,
                                     logit_mean=args.logit_mean, logit_std=args.logit_std)
@@ -79,6 +79,7 @@ def _run(args) -> int:
                 args.out, out["pair_id"], out["draw"], out["err_w"], out["err_l"], seed=args.seed, step=args.step,
                 flow_matching=settings, err_dtype=out["err_dtype"], overwrite=args.overwrite,
                 model={"checkpoint": str(Path(args.checkpoint).resolve()), "arch": meta.get("arch"),
+                       "checkpoint_id": checkpoint_fingerprint(args.checkpoint),
                        "dtype": str(model_dtype)})
             print(f"wrote {len(out['pair_id'])} reference errors ({len(pairs)} pairs x {args.draws} draw(s)) "
                   f"to {args.out}")

@@ -232,7 +232,25 @@ def from_dict(data: dict, *, source: str | None = None, origins: dict[str, str] 
     cfg = builder.section(Config, data, "")
     if builder.errors:
         raise ConfigError(builder.errors)
-    return cfg
+    return _arch_source(cfg, builder)
+
+
+def _arch_source(cfg: Config, builder: _Builder) -> Config:
+    """`model.size: from_checkpoint` reads the architecture from checkpoint.load unless model.arch_from names
+    another folder; the path goes into the model section so every `resolve_arch(cfg.model)` can find it."""
+    m = cfg.model
+    if m.size != "from_checkpoint":
+        if m.arch_from is not None:
+            builder.error("model.arch_from", f"model.arch_from={m.arch_from!r} is only read with "
+                                             f"model.size=from_checkpoint (model.size={m.size!r})")
+            raise ConfigError(builder.errors)
+        return cfg
+    source = m.arch_from or cfg.checkpoint.load
+    if source is None:
+        builder.error("model.size", "model.size=from_checkpoint needs checkpoint.load (or model.arch_from): the "
+                                    "checkpoint whose model.json gives the architecture")
+        raise ConfigError(builder.errors)
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, arch_from=source))
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:

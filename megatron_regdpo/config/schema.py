@@ -46,7 +46,10 @@ class RunConfig(_Section):
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    size: Literal["debug", "1.3B", "14B", "14B-i2v"]
+    # from_checkpoint: exactly the architecture recorded in the checkpoint's model.json (below)
+    size: Literal["debug", "1.3B", "14B", "14B-i2v", "from_checkpoint"]
+    # The checkpoint folder whose model.json a from_checkpoint size reads; the loader fills in checkpoint.load
+    arch_from: str | None = None
     backend: Literal["local", "te"] = "local"
     # Optional overrides of the named size's architecture; None = take the named size's value.
     num_layers: int | None = None
@@ -91,6 +94,9 @@ class DataConfig(_Section):
     text_len: int = 512
     micro_batch_pairs: int = 1  # one pair = (preferred, rejected) clip for the same prompt
     global_batch_pairs: int = 8
+    # a latent-shape bucket with fewer pairs than one global batch: error (at start, naming them), drop (never
+    # train them), repeat (fill every shape's last batch with its own pairs: every pair trains every epoch)
+    small_buckets: Literal["error", "drop", "repeat"] = "error"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,11 @@
   data-parallel rank r takes the r-th slice, so ranks are disjoint, and every rank of a model-parallel
   group (same dp_rank) gets the same ids without any communication.
 - Deterministic in (seed, epoch, dp_rank): each epoch shuffles the pairs within each shape, cuts them into
-  global batches (dropping each shape's remainder), and shuffles the batch order.
+  global batches, and shuffles the batch order. A shape's last partial batch is, by `small_buckets`:
+  "drop": left out this epoch (the next epoch's shuffle trains those pairs), but a shape with fewer pairs than
+  one global batch is then never trained: `small_buckets()` names them so a run can refuse to start;
+  "repeat": filled with the first pairs of the same shape's shuffle (torch's DistributedSampler pads the same
+  way), so every pair trains every epoch; a shape smaller than a global batch repeats pairs within a batch.
 - `state_dict` = (epoch, steps taken in it) + a fingerprint of the pair list: resuming mid-epoch continues
   exactly, and resuming against a different pair list is refused.
 """
@@ -18,16 +22,21 @@ import numpy as np
 
 class PairSampler:
     def __init__(self, shapes: Sequence[Sequence[int]], micro_batch: int, dp_rank: int, dp_size: int,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, small_buckets: str = "drop"):
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch} must be >= 1")
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
-        self.seed, self.shuffle = seed, shuffle
+        if small_buckets not in ("drop", "repeat"):
+            raise ValueError(f"small_buckets={small_buckets!r} must be 'drop' or 'repeat'")
+        self.seed, self.shuffle, self.pad = seed, shuffle, small_buckets == "repeat"
         self.epoch, self.step = 0, 0
-        self.fingerprint = hashlib.sha256(repr(self.shapes).encode()).hexdigest()[:16]
+        # "repeat" yields other batches: its state must not resume a "drop" run (the drop key is unchanged,
+        # so checkpoints written before this option resume as before)
+        key = repr(self.shapes) + (" repeat" if self.pad else "")
+        self.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
         if self.steps_per_epoch() == 0:
             sizes = {s: self.shapes.count(s) for s in set(self.shapes)}
             raise ValueError(f"no latent shape has the {micro_batch * dp_size} pairs one global batch needs "
@@ -37,11 +46,19 @@ class PairSampler:
     def global_batch(self) -> int:
         return self.micro_batch * self.dp_size
 
-    def steps_per_epoch(self) -> int:
+    def bucket_sizes(self) -> dict[tuple, int]:
         counts: dict[tuple, int] = {}
         for s in self.shapes:
             counts[s] = counts.get(s, 0) + 1
-        return sum(n // self.global_batch for n in counts.values())
+        return counts
+
+    def small_buckets(self) -> dict[tuple, int]:
+        """{shape: pairs} of the shapes with fewer pairs than one global batch: never trained under "drop"."""
+        return {s: n for s, n in sorted(self.bucket_sizes().items()) if n < self.global_batch}
+
+    def steps_per_epoch(self) -> int:
+        g = self.global_batch
+        return sum(-(-n // g) if self.pad else n // g for n in self.bucket_sizes().values())
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """Every global batch of `epoch`, in order (the same on every rank)."""
@@ -54,6 +71,8 @@ class PairSampler:
             ids = np.array(by_shape[shape])
             if self.shuffle:
                 ids = rng.permutation(ids)
+            if self.pad:  # cycle through the shuffle to a whole number of global batches
+                ids = np.resize(ids, -(-len(ids) // self.global_batch) * self.global_batch)
             usable = len(ids) // self.global_batch * self.global_batch
             batches += [ids[j:j + self.global_batch].tolist() for j in range(0, usable, self.global_batch)]
         if self.shuffle:

@@ -7,7 +7,7 @@ varies `draw`, e.g. per epoch) and one row per (pair_id, draw).
 
 Layout (its own group, e.g. STORE/reference_cache; nothing else of the store is read or written):
   attrs: format, version, seed, step, flow_matching {shift, timestep_sampling, logit_mean, logit_std},
-         model {checkpoint, arch, ...}, err_dtype
+         model {checkpoint, checkpoint_id (checkpoint_fingerprint), arch, dtype}, err_dtype
   pair_id [N] int64, draw [N] int64, err_ref [N, 2] float64 (winner, loser)
 
 Every mismatch is an error naming the key: another seed or step, a (pair_id, draw) not cached, or recorded
@@ -17,6 +17,7 @@ attributes that differ from the run's `expect` (nested dicts compare only the ke
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 FORMAT = "megatron_regdpo.reference_cache"
+MANIFEST = "checksums.json"  # checkpoint_io.integrity.MANIFEST (that module imports torch.distributed)
 VERSION = 1
 
 
@@ -37,6 +39,57 @@ def _plain(value):
         raise TypeError(f"{type(obj).__name__} is not a JSON value")
 
     return json.loads(json.dumps(value, default=encode))
+
+
+def checkpoint_fingerprint(ckpt_dir: str | Path, sample: int = 1 << 16) -> str:
+    """A content-derived id of a checkpoint folder: its checksum manifest when it has one, else every file's
+    name and size plus its first, middle and last `sample` bytes (hashing all of a 14B checkpoint would take
+    minutes; the samples still differ between two trainings' weights). A copy or a move keeps the id."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint {root} not found")
+    manifest = root / MANIFEST
+    if manifest.is_file():  # every file's full sha256, written at save (checkpoint_io/integrity.py): use that
+        canonical = json.dumps(json.loads(manifest.read_text()), sort_keys=True)
+        return "manifest-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as f:
+            for at in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+                f.seek(at)
+                h.update(f.read(sample))
+    return h.hexdigest()[:32]
+
+
+def read_cache_attrs(path: str | Path) -> dict:
+    """The cache's attributes, without reading its rows (for checks before any model is built)."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"reference cache {path} not found (write it with tools/precompute_reference.py)")
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    if attrs.get("format") != FORMAT or attrs.get("version") != VERSION:
+        raise ValueError(f"{path} is not a reference cache of version {VERSION} "
+                         f"(format {attrs.get('format')!r}, version {attrs.get('version')!r})")
+    return attrs
+
+
+def attr_mismatches(recorded: Mapping, want: Mapping, where: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, recorded, wanted) for every key of `want` recorded otherwise (or not at all: recorded is
+    the string '<absent>'); nested dicts compare only the keys given."""
+    out = []
+    for key, value in _plain(dict(want)).items():
+        name = f"{where}{key}"
+        if key not in recorded:
+            out.append((name, "<absent>", value))
+        elif isinstance(value, dict) and isinstance(recorded[key], dict):
+            out += attr_mismatches(recorded[key], value, f"{name}.")
+        elif recorded[key] != value:
+            out.append((name, recorded[key], value))
+    return out
 
 
 def write_reference_cache(path: str | Path, pair_ids: Sequence[int], draws: Sequence[int], err_w: Sequence[float],
@@ -76,15 +129,13 @@ class ReferenceCache:
         import zarr
 
         self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"reference cache {self.path} not found "
-                                    f"(write it with tools/precompute_reference.py)")
+        self.attrs = read_cache_attrs(self.path)
+        for name, recorded, value in attr_mismatches(self.attrs, expect or {})[:1]:
+            if recorded == "<absent>":
+                raise ValueError(f"reference cache {self.path} records no {name!r}; this run expects {value!r}")
+            raise ValueError(f"reference cache {self.path} was computed with {name}={recorded!r}; "
+                             f"this run has {name}={value!r}")
         group = zarr.open_group(str(self.path), mode="r")
-        self.attrs = dict(group.attrs)
-        if self.attrs.get("format") != FORMAT or self.attrs.get("version") != VERSION:
-            raise ValueError(f"{self.path} is not a reference cache of version {VERSION} "
-                             f"(format {self.attrs.get('format')!r}, version {self.attrs.get('version')!r})")
-        self._check(self.attrs, _plain(dict(expect or {})), "")
         ids, draws, errs = (group[name][...] for name in ("pair_id", "draw", "err_ref"))
         self.dtype = getattr(torch, self.attrs["err_dtype"])
         self._rows = {(int(p), int(d)): i for i, (p, d) in enumerate(zip(ids, draws))}
@@ -92,18 +143,6 @@ class ReferenceCache:
         for p, d in self._rows:
             self._draws.setdefault(p, []).append(d)
         self._err = torch.from_numpy(np.asarray(errs, dtype=np.float64))
-
-    def _check(self, recorded: dict, want: dict, where: str) -> None:
-        """Every key of `want` must be recorded with the same value; nested dicts compare only the keys given."""
-        for key, value in want.items():
-            name = f"{where}{key}"
-            if key not in recorded:
-                raise ValueError(f"reference cache {self.path} records no {name!r}; this run expects {value!r}")
-            if isinstance(value, dict) and isinstance(recorded[key], dict):
-                self._check(recorded[key], value, f"{name}.")
-            elif recorded[key] != value:
-                raise ValueError(f"reference cache {self.path} was computed with {name}={recorded[key]!r}; "
-                                 f"this run has {name}={value!r}")
 
     def __len__(self) -> int:
         return len(self._rows)

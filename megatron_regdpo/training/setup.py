@@ -24,6 +24,7 @@ from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
 from megatron_regdpo.reference import ReferenceBatch, build_reference
 
 from .checkpoint import Checkpointer
+from .consistency import InputMismatch, reference_cache_errors, small_bucket_errors, store_errors
 from .optimizer import build_optimizer
 
 
@@ -86,7 +87,7 @@ class TrainingRun:
 
 
 def build_run(cfg, pg) -> TrainingRun:
-    arch = resolve_arch(cfg.model)
+    arch = resolve_arch(cfg.model, cfg.checkpoint.load)  # the recipe's architecture is the checkpoint's
     dtype = DTYPES[cfg.precision.params_dtype]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.data.store is None:
@@ -108,6 +109,28 @@ def build_run(cfg, pg) -> TrainingRun:
                          f"(the reference forward runs whole-model on each rank), got "
                          f"{cfg.objective.reference.mode!r}")
 
+    # data, sampler and reference cache first: every mismatch with the recipe is found before any model is built
+    dataset = PairDataset(cfg.data.store)
+    dp_size, dp_rank = dist.get_world_size(pg.dp), dist.get_rank(pg.dp)
+    per_rank = cfg.data.global_batch_pairs // dp_size
+    hold = cfg.eval.holdout_pairs
+    if hold >= len(dataset):
+        raise ValueError(f"eval.holdout_pairs={hold} leaves nothing to train on: {cfg.data.store} has "
+                         f"{len(dataset)} pairs")
+    train_ids, eval_ids = list(range(len(dataset) - hold)), list(range(len(dataset) - hold, len(dataset)))
+    shapes = dataset.shapes()
+    errors = store_errors(cfg, arch, cfg.data.store, dataset.store.attrs, shapes)
+    fm = FlowMatchingSettings(shift=cfg.objective.shift, timestep_sampling=cfg.objective.timestep_sampling)
+    cache_path = Path(cfg.data.store) / "reference_cache"
+    if cfg.objective.reference.mode == "cached":
+        errors += reference_cache_errors(cfg, cache_path, fm, dtype)
+    small = "drop" if cfg.data.small_buckets == "error" else cfg.data.small_buckets
+    sampler = PairSampler([shapes[i] for i in train_ids], per_rank, dp_rank, dp_size, seed=cfg.run.seed,
+                          small_buckets=small)
+    errors += small_bucket_errors(cfg, sampler, cfg.data.store, rank0=dist.get_rank() == 0)
+    if errors:
+        raise InputMismatch(errors)
+
     def build_base(init: bool) -> torch.nn.Module:
         return build_wan(arch, pg, parallel=cfg.parallel, params_dtype=dtype, fp8=cfg.precision.fp8,
                          backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init).to(device)
@@ -123,21 +146,9 @@ def build_run(cfg, pg) -> TrainingRun:
     ddp = wrap_data_parallel(model, cfg.parallel, pg)
     optimizer = build_optimizer(cfg.optim, cfg.parallel, dtype, [ddp], pg)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    fm = FlowMatchingSettings(shift=cfg.objective.shift, timestep_sampling=cfg.objective.timestep_sampling)
     reference = build_reference(
         cfg.objective.reference.mode, ddp, build_model=lambda: build_base(init=False), checkpoint=cfg.checkpoint.load,
-        cp_group=pg.cp, cache_path=Path(cfg.data.store) / "reference_cache",
-        expect={"seed": cfg.run.seed})
-    dataset = PairDataset(cfg.data.store)
-    dp_size, dp_rank = dist.get_world_size(pg.dp), dist.get_rank(pg.dp)
-    per_rank = cfg.data.global_batch_pairs // dp_size
-    hold = cfg.eval.holdout_pairs
-    if hold >= len(dataset):
-        raise ValueError(f"eval.holdout_pairs={hold} leaves nothing to train on: {cfg.data.store} has "
-                         f"{len(dataset)} pairs")
-    train_ids, eval_ids = list(range(len(dataset) - hold)), list(range(len(dataset) - hold, len(dataset)))
-    shapes = dataset.shapes()
-    sampler = PairSampler([shapes[i] for i in train_ids], per_rank, dp_rank, dp_size, seed=cfg.run.seed)
+        cp_group=pg.cp, cache_path=cache_path, expect={"seed": cfg.run.seed, "flow_matching": fm})
     tokens, latent = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
     step_flops = wan_step_flops(arch, latent, cfg.data.text_len, pairs=cfg.data.global_batch_pairs,
                                 reference_forward=cfg.objective.reference.mode != "cached",

@@ -263,3 +263,24 @@ def test_all_failures_reported_together():
     lines = info.value.errors
     assert len(lines) == 6 and len(str(info.value).splitlines()) == 6
     assert any("world size 6" in line for line in lines) and any("heads 12" in line for line in lines)
+
+
+def test_from_checkpoint_reads_checkpoint_load_and_explicit_fields_must_agree(tmp_path):
+    """model.size=from_checkpoint is the architecture in checkpoint.load/model.json (issue 14)."""
+    import json
+
+    from megatron_regdpo.models.wan.arch import SIZES, resolve_arch
+
+    arch = dataclasses.replace(SIZES["debug"], num_heads=2, head_dim=32)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "model.json").write_text(json.dumps({"family": "wan2.1", "arch": dataclasses.asdict(arch)}))
+    cfg = from_dict({**MINIMAL, "model": {"size": "from_checkpoint"}, "checkpoint": {"load": str(tmp_path / "ck")}})
+    assert cfg.model.arch_from == str(tmp_path / "ck") and resolve_arch(cfg.model) == arch
+    assert with_overrides(cfg, ["run.seed=1"]).model == cfg.model            # survives a round trip
+    msg = errors_of(resolve_arch, with_overrides(cfg, ["model.num_heads=4"]).model)
+    assert f"model.num_heads=4 but {tmp_path / 'ck' / 'model.json'} has num_heads=2" in msg
+    assert "model.head_dim=16 (model.size='debug') but" in errors_of(resolve_arch, from_dict(MINIMAL).model,
+                                                                       tmp_path / "ck")
+    assert "needs checkpoint.load" in errors_of(from_dict, {**MINIMAL, "model": {"size": "from_checkpoint"}})
+    assert "only read with model.size=from_checkpoint" in errors_of(
+        from_dict, {**MINIMAL, "model": {"size": "debug", "arch_from": "/x"}})

@@ -6,8 +6,15 @@ The numbers are those of the diffusers configs of Wan-AI/Wan2.1-{T2V-1.3B,T2V-14
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from megatron_regdpo.config.schema import ConfigError
+
+CHECKPOINT_META = "model.json"  # checkpoint_io.megatron_ckpt.META_FILE (importing it would pull in torch)
+CHECKPOINT_FAMILY = "wan2.1"    # models.wan.convert.FAMILY
 
 
 @dataclass(frozen=True)
@@ -83,9 +90,41 @@ _OVERRIDABLE = ("num_layers", "num_heads", "head_dim", "ffn_dim", "in_channels",
                 "text_dim", "image_dim", "freq_dim")
 
 
-def resolve_arch(model_cfg) -> WanArch:
-    """The named size with the non-None overrides of a `ModelConfig` applied."""
-    arch = SIZES[model_cfg.size]
+def checkpoint_arch(ckpt_dir: str | Path) -> WanArch:
+    """The architecture a checkpoint folder records in its model.json (written by every save)."""
+    path = Path(ckpt_dir) / CHECKPOINT_META
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {ckpt_dir} is not a megatron_regdpo model checkpoint")
+    meta = json.loads(path.read_text())
+    if meta.get("family") != CHECKPOINT_FAMILY or not isinstance(meta.get("arch"), dict):
+        raise ConfigError(f"{path}: family={meta.get('family')!r} with arch {meta.get('arch')!r} is not a "
+                          f"{CHECKPOINT_FAMILY} checkpoint")
+    fields = dict(meta["arch"])
+    fields["patch"] = tuple(fields["patch"])
+    return WanArch(**fields)
+
+
+def arch_differences(want: WanArch, have: WanArch) -> list[tuple[str, object, object]]:
+    """(field, want's value, have's value) for every WanArch field that differs."""
+    return [(f.name, getattr(want, f.name), getattr(have, f.name)) for f in dataclasses.fields(WanArch)
+            if getattr(want, f.name) != getattr(have, f.name)]
+
+
+def resolve_arch(model_cfg, checkpoint: str | Path | None = None) -> WanArch:
+    """The named size with the non-None overrides of a `ModelConfig` applied.
+
+    `size: from_checkpoint` is exactly the architecture in `model.arch_from`/model.json (the loader sets it to
+    checkpoint.load); an explicit field that disagrees with it is a ConfigError naming both values. With
+    `checkpoint` given (the run's checkpoint.load), a named size must resolve to that checkpoint's architecture
+    too: a shape-compatible mismatch (4 heads x 16 vs 2 x 32) would otherwise load and train silently."""
+    source = getattr(model_cfg, "arch_from", None) if model_cfg.size == "from_checkpoint" else None
+    if model_cfg.size == "from_checkpoint":
+        if source is None and checkpoint is None:
+            raise ConfigError("model.size=from_checkpoint needs checkpoint.load (or model.arch_from): the "
+                              "checkpoint whose model.json gives the architecture")
+        arch = checkpoint_arch(source or checkpoint)
+    else:
+        arch = SIZES[model_cfg.size]
     changes = {k: getattr(model_cfg, k) for k in _OVERRIDABLE if getattr(model_cfg, k, None) is not None}
     task = getattr(model_cfg, "task", None)
     if task == "t2v" and "image_dim" not in changes:
@@ -93,4 +132,20 @@ def resolve_arch(model_cfg) -> WanArch:
     elif task == "i2v" and changes.get("image_dim", arch.image_dim) is None:
         changes["image_dim"] = 1280 if arch.hidden >= 1024 else 32  # debug-sized i2v gets a debug image width
         changes.setdefault("in_channels", 36)
-    return dataclasses.replace(arch, **changes)
+    resolved = dataclasses.replace(arch, **changes)
+    if model_cfg.size == "from_checkpoint" or checkpoint is not None:
+        _same_as_checkpoint(model_cfg, resolved, source or checkpoint)
+    return resolved
+
+
+def _same_as_checkpoint(model_cfg, resolved: WanArch, ckpt_dir) -> None:
+    have = checkpoint_arch(ckpt_dir)
+    diffs = arch_differences(resolved, have)
+    if not diffs:
+        return
+    meta = Path(ckpt_dir) / CHECKPOINT_META
+    named = "" if model_cfg.size == "from_checkpoint" else f" (model.size={model_cfg.size!r})"
+    raise ConfigError([f"model.{k}={w!r}{named} but {meta} has {k}={h!r}; set model.size=from_checkpoint to "
+                       f"train the checkpoint's architecture" if named else
+                       f"model.{k}={w!r} but {meta} has {k}={h!r}; drop model.{k} to train the checkpoint's "
+                       f"architecture" for k, w, h in diffs])

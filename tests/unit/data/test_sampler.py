@@ -54,3 +54,34 @@ def test_bad_arguments():
         PairSampler(SHAPES, 1, dp_rank=2, dp_size=2)
     with pytest.raises(ValueError, match="pairs one global batch needs"):
         PairSampler(SHAPES, 8, 0, 2)
+
+
+PROBE = [(16, 3, 8, 14)] * 5 + [(16, 3, 14, 8)] * 2           # the issue's probe: 2 of 7 clips in a small bucket
+
+
+def test_small_buckets_are_named():
+    """Under "drop" a shape with fewer pairs than a global batch is never trained: the sampler names it."""
+    s = PairSampler(PROBE, micro_batch=1, dp_rank=0, dp_size=4)
+    assert s.small_buckets() == {(16, 3, 14, 8): 2}
+    trained = {i for _ in range(5) for b in _epoch(s) for i in b}
+    assert trained.isdisjoint({5, 6})
+
+
+def test_repeat_trains_every_pair_every_epoch_and_resumes_exactly():
+    ranks = [PairSampler(PROBE, 1, r, 4, seed=5, small_buckets="repeat") for r in range(4)]
+    steps = [_epoch(s) for s in ranks]
+    assert ranks[0].steps_per_epoch() == len(steps[0]) == 2 + 1
+    for batch in zip(*steps):
+        ids = [i for ids in batch for i in ids]
+        assert len(ids) == 4 and len({PROBE[i] for i in ids}) == 1
+    assert {i for rank in steps for b in rank for i in b} == set(range(7))
+    full = PairSampler(PROBE, 1, 2, 4, seed=5, small_buckets="repeat")
+    reference = _epoch(full) + _epoch(full)
+    run = PairSampler(PROBE, 1, 2, 4, seed=5, small_buckets="repeat")
+    it = iter(run)
+    taken = [next(it) for _ in range(2)]
+    resumed = PairSampler(PROBE, 1, 2, 4, seed=5, small_buckets="repeat")
+    resumed.load_state_dict(run.state_dict())
+    assert taken + _epoch(resumed) + _epoch(resumed) == reference
+    with pytest.raises(ValueError, match="another pair list or seed"):   # a "drop" state resumes no "repeat" run
+        PairSampler(PROBE, 1, 2, 4, seed=5).load_state_dict(run.state_dict())
