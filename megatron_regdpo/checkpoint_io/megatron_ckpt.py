@@ -3,6 +3,8 @@
 A checkpoint folder also carries `model.json` (family + architecture), so tools can rebuild the model
 without a recipe. dist_checkpointing reshards on load: save under one parallel layout, load under another.
 Saves go through save_sharded, which leaves no process behind, even when the saver is killed mid-save.
+Every read goes through safe_dist_load: checksums verified first (integrity.py), then dist_checkpointing
+with restricted unpicklers (safe_load.py); whatever goes wrong is one CheckpointError naming the file.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.api import CheckpointException as DCPException
+
+from .integrity import CheckpointError, verify, write_manifest
+from .safe_load import safe_unpickling
 
 META_FILE = "model.json"
 
@@ -48,6 +54,7 @@ def save_model(model: torch.nn.Module, ckpt_dir: str | Path, meta: dict) -> None
     save_sharded(model.sharded_state_dict(), partial)
     if rank0:
         (partial / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_manifest(partial)  # last: it covers every file above
         if ckpt_dir.exists():
             ckpt_dir.rmdir()
         partial.rename(ckpt_dir)
@@ -124,13 +131,43 @@ def load_sharded(request: dict, ckpt_dir: str | Path) -> dict:
     from diffusers always builds it) lacks keys a te model asks for. Those are left out of the load and
     keep the model's fresh state (`with_own_extra_state`); a checkpoint's extra keys are ignored. Any other
     key the checkpoint lacks is an error that names it."""
-    state, _, absent = dist_checkpointing.load(request, str(ckpt_dir), strict=StrictHandling.RETURN_UNEXPECTED)
+    state, _, absent = safe_dist_load(request, ckpt_dir, strict=StrictHandling.RETURN_UNEXPECTED)
     lacking = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
     if lacking:
         shown = ", ".join(lacking[:5]) + (f" (and {len(lacking) - 5} more)" if len(lacking) > 5 else "")
         raise ValueError(f"checkpoint {ckpt_dir} lacks {len(lacking)} tensor(s) this model needs: {shown}; "
                        f"was it written for another architecture?")
     return state
+
+
+def safe_dist_load(request: dict, ckpt_dir: str | Path, **kwargs):
+    """dist_checkpointing.load(request, ckpt_dir, **kwargs) after verifying the folder's checksums, with
+    no code run from any file it reads. Collective (like dist_checkpointing.load). Any failure is one
+    CheckpointError naming the folder (and the file where known); the library's error is its __cause__."""
+    ckpt_dir = Path(ckpt_dir)
+    verify(ckpt_dir)
+    if not (ckpt_dir / ".metadata").is_file():
+        raise CheckpointError(ckpt_dir, ".metadata", "is missing: not a complete torch_dist checkpoint")
+    try:
+        with safe_unpickling() as refused:
+            return dist_checkpointing.load(request, str(ckpt_dir), **kwargs)
+    except CheckpointError:
+        raise
+    except (Exception, DCPException) as e:  # DCPException is a BaseException: it wraps every rank's error
+        if refused:  # the file that failed to unpickle, not the library's multi-rank wrapping of it
+            file, what = refused[0]  # file None: a sharded object's bytes inside a .distcp
+            raise CheckpointError(ckpt_dir, file and Path(file).name,
+                                  f"{'' if file else 'a sharded object '}{what}") from None
+        cause = _root_cause(e)
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(ckpt_dir, None, f"could not be read ({type(cause).__name__}: {first})") from e
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first rank's own exception inside torch DCP's CheckpointException (which prints every rank's
+    traceback), else `e`."""
+    failures = getattr(e, "failures", None) if isinstance(e, DCPException) else None
+    return failures[min(failures)][0] if failures else e
 
 
 def with_own_extra_state(model: torch.nn.Module, loaded: dict) -> dict:

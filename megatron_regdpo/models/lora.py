@@ -262,10 +262,10 @@ def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_base_weights(model: torch.nn.Module, ckpt_dir) -> None:
     """Load a checkpoint WITHOUT adapters (the base model) into a LoRA model, keeping its adapters as they are."""
-    from megatron.core import dist_checkpointing
+    from megatron_regdpo.checkpoint_io.megatron_ckpt import safe_dist_load  # checksums, no code from the files
 
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not is_lora_param(k)}
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    state = safe_dist_load(sharded, ckpt_dir)
     result = model.load_state_dict(state, strict=False)
     wrong = [k for k in result.missing_keys if not is_lora_param(k) and not k.endswith("_extra_state")]
     if wrong or result.unexpected_keys:

@@ -5,11 +5,14 @@ Layout: <root>/iter_0000123/ (one per save), <root>/latest (the name of the newe
 A save is written aside into iter_XXXXXXX.partial and published by a rename, then `latest` is
 replaced atomically; a process killed at any point leaves the previous checkpoint loadable. Only the
 newest `keep` checkpoints are kept. Parameters and optimizer state reshard on load.
+Each checkpoint carries checksums.json; a damaged or missing newest checkpoint is a CheckpointError that
+names the file and gives the command to resume from the previous kept one (never a silent fallback).
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_regdpo.checkpoint_io.integrity import CheckpointError, write_manifest
 from megatron_regdpo.checkpoint_io.megatron_ckpt import (META_FILE, barrier, is_rank0, load_sharded, save_sharded,
                                                          with_own_extra_state)
 from megatron_regdpo.parallel.data_parallel import unwrap
@@ -50,7 +54,9 @@ class Checkpointer:
             return None
         path = self.root / marker.read_text().strip()
         if not path.is_dir():
-            raise FileNotFoundError(f"{marker} names {path.name}, which does not exist")
+            # no automatic fallback: resuming from an older step than `latest` says must be a decision
+            raise CheckpointError(self.root, LATEST, f"names {path.name}, which does not exist; "
+                                  + self._previous_hint(path, move_aside=False))
         return path
 
     def save(self, step: int, model_chunks: list, optimizer, trainer_state: dict) -> Path:
@@ -66,6 +72,7 @@ class Checkpointer:
         if is_rank0():
             if self.meta is not None:
                 (partial / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+            write_manifest(partial)  # last: it covers every file above, so a load can check them all
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
             partial.rename(final)
             tmp = self.root / f"{LATEST}.tmp"
@@ -75,17 +82,37 @@ class Checkpointer:
         barrier()
         return final
 
+    def _kept(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+
+    def _previous_hint(self, bad: Path, move_aside: bool) -> str:
+        """How to resume from the newest kept checkpoint before `bad` (by hand: it repeats steps)."""
+        older = [p for p in self._kept() if p.name < bad.name]
+        if not older:
+            return "no earlier checkpoint is kept: start the run afresh (or restore the folder)"
+        prev, q = older[-1], lambda p: shlex.quote(str(p))
+        # aside under a name `iter_*` does not match, so pruning and `latest` never see it again
+        aside = f"mv {q(bad)} {q(self.root / ('damaged-' + bad.name))} && " if move_aside else ""
+        return (f"the previous kept checkpoint is {prev}; to resume from it run: "
+                f"{aside}echo {prev.name} > {q(self.root / LATEST)}")
+
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+        done = self._kept()
         for old in done[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: str | Path, model_chunks: list, optimizer) -> dict:
         """Restore model, optimizer and this rank's RNG from `path`; return the trainer state."""
         path = Path(path)
-        if not (path / "metadata.json").is_file():
-            raise FileNotFoundError(f"{path} is not a complete training checkpoint (no metadata.json)")
-        state = load_sharded(_sharded_state(model_chunks, optimizer, None, is_loading=True), path)
+        try:
+            if not (path / "metadata.json").is_file():
+                raise CheckpointError(path, "metadata.json", "is missing: not a complete training checkpoint")
+            state = load_sharded(_sharded_state(model_chunks, optimizer, None, is_loading=True), path)
+        except CheckpointError as e:
+            if path.parent.resolve() != self.root.resolve():
+                raise
+            raise CheckpointError(e.folder, e.file, f"{e.problem}; "
+                                  + self._previous_hint(path, move_aside=True)) from e.__cause__
         for chunk in model_chunks:
             unwrap(chunk).load_state_dict(with_own_extra_state(unwrap(chunk), state["model"]), strict=True)
         optimizer.load_state_dict(state["optimizer"])
