@@ -43,16 +43,50 @@ export PYTHONUNBUFFERED=1
 
 TRAIN=(-m megatron_regdpo.train --config "$RECIPE" "$@")
 if (( NNODES == 1 )); then
-    set -x
-    exec $TORCHRUN --standalone --nproc-per-node="$NPROC_PER_NODE" "${TRAIN[@]}"
+    LAUNCH=(--standalone --nproc-per-node="$NPROC_PER_NODE")
+else
+    : "${MASTER_ADDR:?multi-node (NNODES=$NNODES) needs MASTER_ADDR, the host of node 0}"
+    : "${NODE_RANK:?multi-node (NNODES=$NNODES) needs NODE_RANK (0..$(( NNODES - 1 )))}"
+    MASTER_PORT=${MASTER_PORT:-29500}
+    IS_HOST=$([[ $NODE_RANK == 0 ]] && echo 1 || echo 0)
+    LAUNCH=(--nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE"
+            --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"
+            --rdzv-id="${RDZV_ID:-${SLURM_JOB_ID:-regdpo}}" --rdzv-conf="is_host=$IS_HOST")
 fi
 
-: "${MASTER_ADDR:?multi-node (NNODES=$NNODES) needs MASTER_ADDR, the host of node 0}"
-: "${NODE_RANK:?multi-node (NNODES=$NNODES) needs NODE_RANK (0..$(( NNODES - 1 )))}"
-MASTER_PORT=${MASTER_PORT:-29500}
-IS_HOST=$([[ $NODE_RANK == 0 ]] && echo 1 || echo 0)
+# Stop signals (docs/reliability.md, "Signals and locks"). A scheduler signals the whole job: its process
+# group (kill -TERM -- -PGID) or every process (SLURM's scancel). The workers must get SIGTERM, save at the
+# next step boundary and exit 0. torchrun, given a SIGTERM, would send the workers another, SIGKILL them
+# after 30 s and exit 1 whatever they did. So torchrun runs in a process group of its own (set -m) with
+# SIGTERM/SIGINT ignored and, where it has the option, not handled; this script forwards the first
+# TERM/INT to the workers (torchrun's children), and torchrun then exits with the workers' status.
+# (torchrun without --signals-to-handle, before torch 2.9, still handles a signal sent to it directly.)
+if $TORCHRUN --help 2>/dev/null | grep -q -- --signals-to-handle; then
+    LAUNCH+=(--signals-to-handle=SIGHUP,SIGQUIT)
+fi
+LAUNCHER= FORWARDED=
+forward() {
+    local pid=${LAUNCHER:-$!}          # $!: the signal came between the launch and LAUNCHER=$!
+    [[ -n $pid ]] || exit $(( 128 + $2 ))   # before the launch: nothing started, nothing to save
+    [[ -z $FORWARDED ]] || return 0    # once: a scheduler may signal again; the workers are already stopping
+    FORWARDED=$1
+    if pkill "-$1" -P "$pid"; then
+        echo "torchrun.sh: SIG$1: the workers save at the next step boundary and exit" >&2
+    else  # no worker yet (rendezvous): nothing to save; torchrun handles SIGHUP: it stops (exit 1)
+        echo "torchrun.sh: SIG$1 before the workers started: stopping torchrun" >&2
+        kill -HUP "$pid" 2>/dev/null || true
+    fi
+}
+trap 'forward TERM 15' TERM
+trap 'forward INT 2' INT
+set -m
 set -x
-exec $TORCHRUN --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
-    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
-    --rdzv-id="${RDZV_ID:-${SLURM_JOB_ID:-regdpo}}" --rdzv-conf="is_host=$IS_HOST" \
-    "${TRAIN[@]}"
+( trap '' TERM INT; exec $TORCHRUN "${LAUNCH[@]}" "${TRAIN[@]}" ) &
+{ set +x; } 2>/dev/null
+LAUNCHER=$!
+while :; do
+    RC=0
+    wait "$LAUNCHER" || RC=$?
+    kill -0 "$LAUNCHER" 2>/dev/null || break   # else wait was cut short by a trapped signal: wait again
+done
+exit "$RC"

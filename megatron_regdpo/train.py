@@ -70,7 +70,34 @@ def dry_run(cfg, world_size: int) -> int:
     return 0
 
 
+def lock_run_folder(cfg):
+    """Rank 0 locks the run folder (megatron_regdpo.parallel.lock) and every rank learns whether it could:
+    a second run on the folder then stops on every rank at once instead of hanging in a collective."""
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_regdpo.parallel.lock import FolderLock, LockHeld
+
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    lock, error = None, ""
+    if dist.get_rank() == 0:
+        try:
+            lock = FolderLock(run_dir / "run.lock", f"run folder {run_dir}").acquire()
+        except LockHeld as e:
+            error = str(e)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    held = torch.tensor([1.0 if error else 0.0], device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(held, op=dist.ReduceOp.MAX)
+    if held.item():
+        raise LockHeld(error)  # empty on the other ranks: rank 0 names the holder
+    return lock
+
+
 def run_training(cfg) -> int:
+    import contextlib
+
     import torch.distributed as dist
 
     from megatron_regdpo.parallel.groups import distributed_session
@@ -79,7 +106,10 @@ def run_training(cfg) -> int:
     from megatron_regdpo.training.trainer import train
 
     p = cfg.parallel
-    with distributed_session(p.tp, p.pp, p.cp, seed=cfg.run.seed) as pg:   # torchrun's world, or one process
+    with distributed_session(p.tp, p.pp, p.cp, seed=cfg.run.seed) as pg, contextlib.ExitStack() as held:
+        lock = lock_run_folder(cfg)   # before build_run: it resumes from, and prunes, the folder's checkpoints
+        if lock is not None:
+            held.callback(lock.release)
         run = build_run(cfg, pg)
         rank, world = dist.get_rank(), dist.get_world_size()
         writer = (p.pp - 1) * world // p.pp  # rank 0's last pipeline stage holds the loss (pp is outermost)
@@ -92,7 +122,13 @@ def run_training(cfg) -> int:
 
 
 def main(argv=None) -> int:
+    from megatron_regdpo.checkpoint_io.integrity import CheckpointError
+    from megatron_regdpo.parallel.lock import LockHeld
+    from megatron_regdpo.training.lifecycle import exit_with_launcher, take_stop_signals
+
     args = parse_args(argv)
+    take_stop_signals()     # launch/torchrun.sh hands them down ignored
+    exit_with_launcher()    # under torchrun: a worker does not outlive its launcher
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = load_config(args.config, args.overrides)
@@ -107,6 +143,14 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
+    except LockHeld as e:
+        if str(e):
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except CheckpointError as e:  # every rank raises the same one: rank 0 says it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

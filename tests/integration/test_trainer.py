@@ -186,3 +186,21 @@ def test_eval_scores_held_out_pairs(store, tmp_path):
     evals = [m for m in _metrics(tmp_path) if "eval/implicit_acc" in m]
     assert [m["step"] for m in evals] == [2, 4]
     assert all(0.0 <= m["eval/implicit_acc"] <= 1.0 and m["eval/dpo"] > 0 for m in evals)
+
+
+def test_damaged_checkpoint_at_resume_is_one_error_line(store, tmp_path, capsys):
+    from megatron_regdpo.train import main
+
+    assert main(_args(store, tmp_path, 2, "checkpoint.interval=1")) == 0
+    root = tmp_path / "tiny-cpu" / "checkpoints"
+    newest = root / (root / "latest").read_text().strip()
+    payload = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(payload.read_bytes())
+    data[len(data) // 2] ^= 0xFF   # one flipped byte: loads silently without the checksum manifest
+    payload.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(_args(store, tmp_path, 3, "checkpoint.interval=1")) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and payload.name in errors[0] and "iter_0000001" in errors[0], err
+    assert not any("Traceback" in line for line in err), err

@@ -22,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from megatron_regdpo.parallel.lock import FolderLock
 
 from .arrays import STORED_DTYPES, read_array, read_strings, write_array, write_strings
 from .commits import CommitLog
@@ -33,6 +36,7 @@ from .commits import CommitLog
 FORMAT = "megatron_regdpo.gt_pair_store"
 VERSION = 1
 COMMITS = "commits.jsonl"
+WRITER_LOCK = "writer.lock"  # megatron_regdpo.parallel.lock: host, pid and start time of the writing process
 KINDS = ("text", "real", "generated")
 SAMPLE_GROUPS = ("real", "image", "text", "generated")  # groups whose members must be committed
 # Attributes that must match when a run resumes into an existing store (else the data would mix).
@@ -73,7 +77,9 @@ class GTPairStore:
         if self.root.attrs.get("format") != FORMAT:
             raise ValueError(f"{self.path}: attribute format={self.root.attrs.get('format')!r}, want {FORMAT!r}")
         self.log = CommitLog(self.path / COMMITS)
-        if mode == "a":
+        if mode == "a":  # one writer at a time (readers need no lock); held until this object is collected
+            lock = FolderLock(self.path / WRITER_LOCK, f"store {self.path}").acquire()
+            weakref.finalize(self, lock.release)
             self.log.repair()
             for name in (*SAMPLE_GROUPS, "pairs"):
                 self.root.require_group(name)
