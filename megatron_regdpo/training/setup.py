@@ -3,7 +3,6 @@ reference, data, checkpointer (resuming from `latest`). The only place that know
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import torch

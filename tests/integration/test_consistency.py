@@ -43,7 +43,7 @@ def ckpts(tmp_path_factory, pg):
     from megatron_regdpo.checkpoint_io.megatron_ckpt import save_model
     from megatron_regdpo.models.wan.build import build_wan
 
-    root, out = tmp_path_factory.mktemp("ckpt"), {}
+    root = tmp_path_factory.mktemp("ckpt")
     for name, arch in (("debug", SIZES["debug"]), ("2x32", dataclasses.replace(SIZES["debug"], num_heads=2,
                                                                                 head_dim=32))):
         save_model(build_wan(arch, pg), root / name, {"family": "wan2.1", "arch": dataclasses.asdict(arch),
