@@ -181,6 +181,22 @@ def _drop_partial_last_line(path: Path) -> None:
             f.truncate(keep)
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rows of steps after `step` (the checkpoint a run resumes from) were logged by a run that died before
+    saving them; the resumed run computes those steps again, so the old rows go (one row per step)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) == len(lines):
+        return
+    log.warning("%s: dropping %d rows after step %d, which the resumed run computes again", path,
+                len(lines) - len(keep), step)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a kill here leaves either file whole
+
+
 _SUMMARY = (("loss", "loss/total", "{:.4f}"), ("dgr", "dpo/dgr", "{:.2f}"), ("acc", "dpo/implicit_acc", "{:.2f}"),
             ("lr", "optim/lr", "{:.2e}"), ("gnorm", "optim/grad_norm", "{:.3g}"))
 
@@ -226,6 +242,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.path is not None:
             _drop_partial_last_line(self.path)
+            _drop_rows_after(self.path, start_step)
             self._file = open(self.path, "a", encoding="utf-8")
         if "tensorboard" in modules:
             self._tb = modules["tensorboard"].SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))

@@ -139,14 +139,19 @@ def test_killed_run_keeps_its_lines_and_resume_appends_cleanly(tmp_path, caplog)
         assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
     assert "truncated last line" in caplog.text
 
-    # the resumed run (from a checkpoint at step 3) cuts the fragment and re-logs steps 4 and 5
-    with MetricsLogger(run, LoggingConfig(interval=100), rank=0, world=1, progress=False) as logger:
-        for step in (4, 5, 6):
-            logger.log({"step": step, "loss/total": 10.0 * step})
-    assert "dropping a partial last line" in caplog.text
+    # the resumed run (from a checkpoint at step 3) cuts the fragment and the rows of steps 4 and 5, which it
+    # logs again: one row per step in the file itself, not only through read_metrics
+    with caplog.at_level(logging.WARNING):
+        with MetricsLogger(run, LoggingConfig(interval=100), rank=0, world=1, progress=False,
+                           start_step=3) as logger:
+            assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+            for step in (4, 5, 6):
+                logger.log({"step": step, "loss/total": 10.0 * step})
+    assert "dropping a partial last line" in caplog.text and "dropping 2 rows after step 3" in caplog.text
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     records = read_metrics(path)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss/total"] for r in records[3:]] == [40.0, 50.0, 60.0]  # the resumed run's values win
+    assert [r["loss/total"] for r in records[3:]] == [40.0, 50.0, 60.0]  # the resumed run's values
 
 
 # ----------------------------------------------------------------------------------- optional backends
