@@ -114,19 +114,19 @@ def train(run, log) -> int:
             if cfg.eval.interval and step % cfg.eval.interval == 0:
                 metrics.update(evaluate(run))   # one record per step: eval/ joins the step's line
             log.log(metrics)
-            if "dpo/dgr" in metrics:
+            if "dpo/dgr" in metrics and log.active:  # the metrics are reduced on every rank: one rank warns
                 alarm.update(metrics["dpo/dgr"], step)
             if skipped_in_row >= cfg.optim.max_skipped_steps:
                 raise FloatingPointError(f"{skipped_in_row} steps in a row had a non-finite loss or gradient norm "
                                          f"(last: loss {loss}, grad norm {grad_norm}); stopping at step {step}")
             stopping = stop.agreed()
             if stopping or run.checkpoint_due(step):
-                run.save(step)
+                log.message(f"saved checkpoint {run.save(step)}")
             if stopping:
                 log.message(f"stop requested: saved step {step}, exiting")
                 return 0
         if not run.checkpoint_due(step):
-            run.save(step)
+            log.message(f"saved checkpoint {run.save(step)}")
         return 0
     finally:
         stop.restore()

@@ -29,10 +29,13 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "tiny-cpu" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_is_bitwise_exact(store, tmp_path):
+def test_resume_is_bitwise_exact(store, tmp_path, capsys):
     from megatron_regdpo.train import main
 
+    capsys.readouterr()
     assert main(_args(store, tmp_path / "once", 6, "checkpoint.interval=3")) == 0
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("saved checkpoint")]
+    assert [line.rsplit("/", 1)[-1] for line in saved] == ["iter_0000003", "iter_0000006"]  # a line per save
     assert main(_args(store, tmp_path / "twice", 3, "checkpoint.interval=3")) == 0
     assert main(_args(store, tmp_path / "twice", 6, "checkpoint.interval=3")) == 0   # resumes from step 3
     once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
