@@ -12,7 +12,7 @@
 #                   rendezvous itself: torchrun ignores --node-rank with c10d)
 #   MASTER_ADDR, MASTER_PORT   the rendezvous endpoint, on node 0 (port default 29500)
 #   RDZV_ID         job id shared by all nodes (default $SLURM_JOB_ID, else "regdpo")
-#   TORCHRUN        the launcher command (default: torchrun)
+#   TORCHRUN        the launcher command (default: torchrun on PATH, else the project's .venv/bin/torchrun)
 # Extra arguments after RECIPE go to megatron_regdpo.train (config overrides such as optim.lr=1e-5).
 set -euo pipefail
 
@@ -32,7 +32,17 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
     (( NPROC_PER_NODE > 0 )) || NPROC_PER_NODE=1
 fi
 NNODES=${NNODES:-1}
-TORCHRUN=${TORCHRUN:-torchrun}
+# torchrun from the active environment, else the project's own (make install), else a clear error
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -z ${TORCHRUN:-} ]]; then
+    if command -v torchrun >/dev/null 2>&1; then TORCHRUN=torchrun
+    elif [[ -x $ROOT/.venv/bin/torchrun ]]; then TORCHRUN=$ROOT/.venv/bin/torchrun
+    else
+        echo "torchrun.sh: torchrun not found: activate the environment that has megatron_regdpo, or run" \
+             "'make install' in $ROOT" >&2
+        exit 2
+    fi
+fi
 
 # Megatron's TP/SP communication overlap relies on kernels being launched in issue order.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}

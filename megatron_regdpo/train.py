@@ -2,7 +2,8 @@
 
 --dry-run validates the recipe against N ranks without any GPU and prints the resolved config, the
 parallel layout, the parameter count (the full model built on the meta device) and the per-stage split.
-Without --dry-run it runs the smoke step (megatron_regdpo.smoke) until the Reg-DPO trainer lands.
+Without --dry-run it trains Reg-DPO on `data.store` (resuming from the run folder's `latest` checkpoint);
+without a store it runs one real model step, saves and reloads a checkpoint (megatron_regdpo.smoke).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def test_sbatch_dry_runs_the_recipe_before_launching():
 def _stub(bin_dir: Path, name: str) -> None:
     """A command that prints its name and arguments, one per line (srun also runs what it was given)."""
     body = 'printf "%s\\n" "$(basename "$0")" "$@" >> "$STUB_LOG"\n'
+    if name == "torchrun":  # the launcher reads `torchrun --help` for its options: answer it, log only launches
+        body = '[[ $1 == --help ]] && exit 0\n' + body
     if name == "srun":  # one node's task: skip srun's own options, run the command with SLURM_NODEID=0
         body += 'while [[ $1 == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n'
     if name == "scontrol":
@@ -171,3 +174,23 @@ def test_sbatch_dry_run_then_one_torchrun_per_node(tmp_path):
                         "--rdzv-endpoint=gpu-node-01:29500", "--rdzv-id=4242", "--rdzv-conf=is_host=1",
                         "-m", "megatron_regdpo.train", "--config", RECIPE, "optim.lr=1e-5"]
     assert "2 nodes x 8 GPUs = 16 ranks, rendezvous gpu-node-01:29500" in proc.stdout
+
+
+def test_torchrun_falls_back_to_the_projects_venv(tmp_path):
+    """Outside any environment (no torchrun on PATH) the launcher uses the project's .venv/bin/torchrun,
+    and without one it says what to do (it used to fail with exit 127)."""
+    fake = tmp_path / "project"
+    (fake / "launch").mkdir(parents=True)
+    shutil.copy(TORCHRUN_SH, fake / "launch" / "torchrun.sh")
+    (fake / "recipe.yaml").write_text("{}\n")
+    env = {"PATH": "/usr/bin:/bin", "STUB_LOG": str(tmp_path / "calls.log"), "NPROC_PER_NODE": "1",
+           "HOME": os.environ.get("HOME", "/tmp")}
+    proc = subprocess.run(["bash", "launch/torchrun.sh", "recipe.yaml"], cwd=fake, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "torchrun not found" in proc.stderr and "make install" in proc.stderr
+    (fake / ".venv" / "bin").mkdir(parents=True)
+    _stub(fake / ".venv" / "bin", "torchrun")
+    proc = subprocess.run(["bash", "launch/torchrun.sh", "recipe.yaml"], cwd=fake, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "calls.log").read_text().splitlines()[:3] == ["torchrun", "--standalone", "--nproc-per-node=1"]
