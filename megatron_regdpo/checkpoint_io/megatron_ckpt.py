@@ -25,6 +25,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
+from .hints import not_a_checkpoint
 from .integrity import CheckpointError, verify, write_manifest
 from .safe_load import safe_unpickling
 
@@ -108,7 +109,7 @@ def save_sharded(state: dict, path: str | Path) -> None:
 def read_meta(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {ckpt_dir} is not a megatron_regdpo model checkpoint")
+        raise FileNotFoundError(not_a_checkpoint(ckpt_dir))
     return json.loads(path.read_text())
 
 

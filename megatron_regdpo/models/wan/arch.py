@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from megatron_regdpo.checkpoint_io.hints import not_a_checkpoint
 from megatron_regdpo.config.schema import ConfigError
 
 CHECKPOINT_META = "model.json"  # checkpoint_io.megatron_ckpt.META_FILE (importing it would pull in torch)
@@ -94,7 +95,7 @@ def checkpoint_arch(ckpt_dir: str | Path) -> WanArch:
     """The architecture a checkpoint folder records in its model.json (written by every save)."""
     path = Path(ckpt_dir) / CHECKPOINT_META
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {ckpt_dir} is not a megatron_regdpo model checkpoint")
+        raise FileNotFoundError(not_a_checkpoint(ckpt_dir))
     meta = json.loads(path.read_text())
     if meta.get("family") != CHECKPOINT_FAMILY or not isinstance(meta.get("arch"), dict):
         raise ConfigError(f"{path}: family={meta.get('family')!r} with arch {meta.get('arch')!r} is not a "
