@@ -287,6 +287,19 @@ def test_import_missing_folder(pg, tmp_path):
     _assert_nothing_written(tmp_path / "ckpt")
 
 
+def test_import_of_a_vae_folder_names_what_to_give(pg, tmp_path):
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text('{"_class_name": "AutoencoderKLWan", "z_dim": 16}')
+    from safetensors.torch import save_file
+
+    save_file({"decoder.conv_in.weight": torch.zeros(2)}, str(vae / "diffusion_pytorch_model.safetensors"))
+    rc, out, err = _run_cli(["import", "--hf", vae, "--out", tmp_path / "ckpt"])
+    assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert "not a Wan transformer config (_class_name='AutoencoderKLWan'" in err and "transformer/ folder" in err
+    _assert_nothing_written(tmp_path / "ckpt")
+
+
 @pytest.mark.parametrize("cmd", ["import", "export"])
 def test_refuses_non_empty_out(pg, conversions, tmp_path, cmd):
     c = conversions("t2v")

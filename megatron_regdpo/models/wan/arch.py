@@ -58,7 +58,14 @@ class WanArch:
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict) -> "WanArch":
-        """Inverse of `diffusers_config`; rejects Wan variants we do not implement."""
+        """Inverse of `diffusers_config`; rejects Wan variants we do not implement and other models' configs."""
+        kind = cfg.get("_class_name")
+        missing = [k for k in ("num_attention_heads", "attention_head_dim", "num_layers", "ffn_dim") if k not in cfg]
+        if kind not in (None, "WanTransformer3DModel") or missing:
+            raise ValueError(f"not a Wan transformer config (_class_name={kind!r}"
+                             + (f", missing {', '.join(missing)}" if missing else "")
+                             + "): give the pipeline's transformer/ folder (its config.json names "
+                               "WanTransformer3DModel), not the VAE's or the text encoder's")
         if cfg.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
             raise ValueError(f"unsupported qk_norm {cfg.get('qk_norm')!r} (need 'rms_norm_across_heads')")
         if cfg.get("pos_embed_seq_len") is not None:
