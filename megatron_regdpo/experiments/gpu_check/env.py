@@ -4,6 +4,7 @@ GB/s (bytes read plus written; kernels/bench.py's copy, the one the kernel bench
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -24,7 +25,16 @@ def matmul_tflops(device, n: int, dtype=torch.bfloat16, iters: int = 10) -> floa
     return 2 * n**3 / t / 1e12
 
 
+_DISTRIBUTIONS = {"megatron.core": "megatron-core"}
+
+
 def _version(module: str) -> str | None:
+    # the installed distribution's version: megatron-core 0.19's __version__ appends the short hash of
+    # whatever git checkout its files sit in (ours, when the venv lives in the repository)
+    try:
+        return importlib.metadata.version(_DISTRIBUTIONS.get(module, module))
+    except importlib.metadata.PackageNotFoundError:
+        pass
     try:
         return str(getattr(importlib.import_module(module), "__version__", "unknown"))
     except ImportError:
