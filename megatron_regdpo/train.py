@@ -104,6 +104,7 @@ def run_training(cfg) -> int:
     from megatron_regdpo.parallel.groups import distributed_session
     from megatron_regdpo.training.metrics import MetricsLogger
     from megatron_regdpo.training.setup import build_run
+    from megatron_regdpo.training.startup import summary
     from megatron_regdpo.training.trainer import train
 
     p = cfg.parallel
@@ -117,17 +118,20 @@ def run_training(cfg) -> int:
         with MetricsLogger(run.run_dir, cfg.logging, rank, world, total_steps=cfg.schedule.train_steps,
                            start_step=run.start_step, run_name=cfg.run.name, config=cfg.to_dict(),
                            writer_rank=writer) as log:
-            if run.start_step:
-                log.message(f"resumed from {run.checkpointer.latest()} at step {run.start_step}")
+            if log.active:
+                log.message(summary(run))  # before step 1: what this run does, and where it starts
             return train(run, log)
 
 
 def main(argv=None) -> int:
+    from megatron_regdpo.training.startup import announce_hidden, hide_known_warnings
+
+    args = parse_args(argv)
+    hidden = hide_known_warnings()   # before anything imports megatron-core: it warns on import
     from megatron_regdpo.checkpoint_io.integrity import CheckpointError
     from megatron_regdpo.parallel.lock import LockHeld
     from megatron_regdpo.training.lifecycle import exit_with_launcher, take_stop_signals
 
-    args = parse_args(argv)
     take_stop_signals()     # launch/torchrun.sh hands them down ignored
     exit_with_launcher()    # under torchrun: a worker does not outlive its launcher
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
@@ -136,22 +140,30 @@ def main(argv=None) -> int:
         if args.dry_run:
             return dry_run(cfg, world_size)
         validate(cfg, world_size, resolve_arch(cfg.model))
+        announce_hidden(hidden)   # the run starts: one line, not one per hidden warning
         if cfg.data.store is None:  # nothing to train on: one real step of the model, checkpoint, reload
             from megatron_regdpo.smoke import run_smoke
 
             return run_smoke(cfg)
         return run_training(cfg)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"invalid config: {e}", file=sys.stderr)
+        if _says_errors():
+            print(f"invalid config: {e}", file=sys.stderr)
         return 2
     except LockHeld as e:
         if str(e):
             print(f"error: {e}", file=sys.stderr)
         return 1
-    except CheckpointError as e:  # every rank raises the same one: rank 0 says it
-        if int(os.environ.get("RANK", "0")) == 0:
+    except CheckpointError as e:
+        if _says_errors():
             print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _says_errors() -> bool:
+    """Every rank reads the same config, store and checkpoint and raises the same error: the first process of
+    each node says it (one line on one node; a file missing on one node only is still reported there)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ SESSION_TOKEN = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
-    # megatron-core warns on import (and again per module) when neither TE nor Apex is present;
-    # on CPU test machines that is expected and only drowns the real warnings.
-    config.addinivalue_line("filterwarnings", "ignore:Transformer Engine and Apex are not installed:UserWarning")
+    # third-party warnings known to be harmless (TE/Apex absent on CPU, megatron-core and torch DCP deprecations)
+    # only drown the real ones: the same list the training entry point hides, each entry saying why
+    from megatron_regdpo.training.startup import pytest_filterwarnings
+
+    for line in pytest_filterwarnings():
+        config.addinivalue_line("filterwarnings", line)
     config.stash[SESSION_TOKEN] = _procs.tag_session()
 
 

@@ -11,11 +11,20 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def open_safetensors(path: Path):
+    """safe_open, with a damaged file (a download cut short, a full disk) named in one line: safetensors'
+    own error says only "Error while deserializing header" and not which of the shards it was."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{path} is truncated or corrupt ({e}): download or copy it again") from e
 
 
 class HFReader:
@@ -28,7 +37,7 @@ class HFReader:
         if (self.folder / INDEX).is_file():
             weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
         elif (self.folder / WEIGHTS).is_file():
-            with safe_open(self.folder / WEIGHTS, framework="pt") as f:
+            with open_safetensors(self.folder / WEIGHTS) as f:
                 weight_map = {k: WEIGHTS for k in f.keys()}
         else:
             raise FileNotFoundError(f"{self.folder}: neither {WEIGHTS} nor {INDEX} found")
@@ -46,7 +55,7 @@ class HFReader:
             path = self.folder / fname
             if not path.is_file():
                 raise FileNotFoundError(f"{path} (listed in {INDEX}) is missing")
-            self._handles[fname] = safe_open(path, framework="pt")
+            self._handles[fname] = open_safetensors(path)
         return self._handles[fname].get_tensor(key)
 
 

@@ -8,6 +8,7 @@ the derived parallel `Layout` that the rest of the stack builds from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from .schema import Config, ConfigError
@@ -183,6 +184,12 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
         errors.append(f"schedule.warmup_steps={sched.warmup_steps} exceeds train_steps={sched.train_steps}")
     if cfg.checkpoint.keep < 1:
         errors.append(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+
+    # --- paths: a typo'd store would otherwise pass --dry-run and fail on every rank after launch. A dry run
+    # on a machine that cannot see the store says so too: data.store=null validates the layout alone there.
+    if data.store is not None and not Path(data.store).exists():
+        errors.append(f"data.store={data.store} does not exist (a typo? where the store is not mounted, "
+                      f"validate the layout alone with data.store=null)")
 
     if errors:
         raise ConfigError(errors)

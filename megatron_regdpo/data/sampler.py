@@ -9,8 +9,8 @@
   one global batch is then never trained: `small_buckets()` names them so a run can refuse to start;
   "repeat": filled with the first pairs of the same shape's shuffle (torch's DistributedSampler pads the same
   way), so every pair trains every epoch; a shape smaller than a global batch repeats pairs within a batch.
-- `state_dict` = (epoch, steps taken in it) + a fingerprint of the pair list: resuming mid-epoch continues
-  exactly, and resuming against a different pair list is refused.
+- `state_dict` = (epoch, steps taken in it) + a fingerprint of the pair list (and its length and mode, to say
+  what changed): resuming mid-epoch continues exactly, and resuming against a different pair list is refused.
 """
 from __future__ import annotations
 
@@ -90,10 +90,25 @@ class PairSampler:
         self.epoch, self.step = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "fingerprint": self.fingerprint}
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "fingerprint": self.fingerprint,
+                "pairs": len(self.shapes), "small_buckets": "repeat" if self.pad else "drop"}
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint or state["seed"] != self.seed:
-            raise ValueError(f"sampler state is for another pair list or seed (fingerprint {state['fingerprint']}, "
-                             f"seed {state['seed']}); this sampler has {self.fingerprint}, seed {self.seed}")
+            raise ValueError(f"sampler state is for another pair list or seed: {self._difference(state)}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def _difference(self, state: dict) -> str:
+        """What changed, in the caller's terms (states written before "pairs" was recorded lack the count)."""
+        was, now = state.get("pairs"), len(self.shapes)
+        mode, why = state.get("small_buckets"), []
+        if state["seed"] != self.seed:
+            why.append(f"seed {state['seed']} then, {self.seed} now")
+        if was is not None and was != now:
+            why.append(f"{was} training pairs then, {now} now")
+        if mode is not None and mode != ("repeat" if self.pad else "drop"):
+            why.append(f"small buckets {mode!r} then, {'repeat' if self.pad else 'drop'!r} now")
+        if not why:
+            why.append(f"the pairs' latent shapes differ ({now} pairs now"
+                       + (")" if was is not None else "; the state does not record how many then)"))
+        return f"{'; '.join(why)} (fingerprint {state['fingerprint']} then, {self.fingerprint} now)"

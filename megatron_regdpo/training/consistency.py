@@ -103,3 +103,31 @@ def small_bucket_errors(cfg, sampler, store: str | Path, rank0: bool = True) -> 
     return [f"{line}; set data.small_buckets=repeat to fill their batches with their own pairs, or "
             f"data.small_buckets=drop to train without them"]
 
+
+
+def batch_size_errors(cfg, shapes: list[tuple[int, ...]], store: str | Path, held_out: int) -> list[str]:
+    """A global batch that no latent shape bucket fills trains nothing (the sampler would have no step):
+    one error naming the batch, the store's pairs and what to change, before the sampler is built."""
+    g = cfg.data.global_batch_pairs
+    buckets = {s: shapes.count(s) for s in sorted(set(shapes))}
+    if not shapes or max(buckets.values()) >= g or cfg.data.small_buckets == "repeat":
+        return []  # repeat fills a batch with its own bucket's pairs (repeating them within a batch)
+    pairs = (f"{len(shapes) + held_out} pairs, {held_out} of them held out by eval.holdout_pairs, so "
+             f"{len(shapes)} training pairs" if held_out else f"{len(shapes)} pairs")
+    if g > len(shapes):
+        what = f"data.global_batch_pairs={g} is larger than the data: {store} has {pairs}"
+    else:
+        named = ", ".join(f"{list(s)}: {n}" for s, n in buckets.items())
+        what = (f"no latent shape bucket of {store} ({pairs}; shape: pairs {named}) has the "
+                f"data.global_batch_pairs={g} pairs of one batch (a batch never mixes shapes)")
+    return [f"{what}; lower data.global_batch_pairs (and data.micro_batch_pairs) to at most "
+            f"{max(buckets.values())}, add pairs, or set data.small_buckets=repeat to repeat pairs within a batch"]
+
+
+def resume_mismatch(checkpoint: str | Path, store: str | Path, reason: str) -> InputMismatch:
+    """A run folder's checkpoint whose sampler state is for another pair list (the store grew or shrank, or
+    data.small_buckets / run.seed changed): resuming would replay other batches, so the run stops."""
+    return InputMismatch(
+        f"{checkpoint} cannot resume on data.store={store}: {reason}. The checkpoint's data order is for the "
+        f"pair list it was trained on; restore the store (and run.seed, data.small_buckets, "
+        f"eval.holdout_pairs) to what it trained on, or start a new run in another folder (run.name or run.output_dir)")

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
-from megatron_regdpo.config import video_tokens
+from megatron_regdpo.config import ConfigError, video_tokens
 from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.data.pairs import PairDataset
 from megatron_regdpo.data.sampler import PairSampler
@@ -23,7 +23,8 @@ from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
 from megatron_regdpo.reference import ReferenceBatch, build_reference
 
 from .checkpoint import Checkpointer
-from .consistency import InputMismatch, reference_cache_errors, small_bucket_errors, store_errors
+from .consistency import (InputMismatch, batch_size_errors, reference_cache_errors, resume_mismatch,
+                          small_bucket_errors, store_errors)
 from .optimizer import build_optimizer
 
 
@@ -90,32 +91,37 @@ def build_run(cfg, pg) -> TrainingRun:
     dtype = DTYPES[cfg.precision.params_dtype]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if cfg.data.store is None:
-        raise ValueError("data.store is not set: point it at a GT-Pair store (tools/preprocess_videos.py, "
-                         "tools/make_gt_pairs.py)")
+        raise ConfigError("data.store is not set: point it at a GT-Pair store (tools/preprocess_videos.py, "
+                          "tools/make_gt_pairs.py)")
     if cfg.parallel.virtual_pp:
-        raise ValueError(f"parallel.virtual_pp={cfg.parallel.virtual_pp}: the interleaved schedule is checked by "
-                         f"--dry-run, but the trainer builds one model chunk per stage; unset it")
+        raise ConfigError(f"parallel.virtual_pp={cfg.parallel.virtual_pp}: the interleaved schedule is checked by "
+                          f"--dry-run, but the trainer builds one model chunk per stage; unset it")
     if cfg.parallel.distributed_optimizer:
         # its step math is checked against one rank (tests/distributed), its checkpoints are not possible here:
         # dist_checkpointing refuses its default flattened-range layout, and the dp_reshardable layout asserts
         # on per-parameter Adam steps (megatron-core 0.16); a run that cannot resume exactly is not offered
-        raise ValueError("parallel.distributed_optimizer=true: the trainer cannot checkpoint the distributed "
-                         "optimizer with megatron-core 0.16 (flattened_range / per-parameter steps); unset it")
+        raise ConfigError("parallel.distributed_optimizer=true: the trainer cannot checkpoint the distributed "
+                          "optimizer with megatron-core 0.16 (flattened_range / per-parameter steps); unset it")
     if cfg.checkpoint.async_save:
-        raise ValueError("checkpoint.async_save=true is not supported yet: saves are synchronous (and atomic)")
+        raise ConfigError("checkpoint.async_save=true is not supported yet: saves are synchronous (and atomic)")
     if cfg.parallel.pp > 1 and cfg.objective.reference.mode != "cached":
-        raise ValueError(f"parallel.pp={cfg.parallel.pp} needs objective.reference.mode='cached' for now "
-                         f"(the reference forward runs whole-model on each rank), got "
-                         f"{cfg.objective.reference.mode!r}")
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp} needs objective.reference.mode='cached' for now "
+                          f"(the reference forward runs whole-model on each rank), got "
+                          f"{cfg.objective.reference.mode!r}")
 
     # data, sampler and reference cache first: every mismatch with the recipe is found before any model is built
-    dataset = PairDataset(cfg.data.store)
+    if not Path(cfg.data.store).exists():  # (validate() says so first; the folder may go away in between)
+        raise FileNotFoundError(f"data.store={cfg.data.store} does not exist")
+    try:
+        dataset = PairDataset(cfg.data.store)
+    except ValueError as e:  # not a GT-Pair store, or one without pairs: the store's message says which
+        raise InputMismatch(f"data.store={cfg.data.store}: {e}") from e
     dp_size, dp_rank = dist.get_world_size(pg.dp), dist.get_rank(pg.dp)
     per_rank = cfg.data.global_batch_pairs // dp_size
     hold = cfg.eval.holdout_pairs
     if hold >= len(dataset):
-        raise ValueError(f"eval.holdout_pairs={hold} leaves nothing to train on: {cfg.data.store} has "
-                         f"{len(dataset)} pairs")
+        raise InputMismatch(f"eval.holdout_pairs={hold} leaves nothing to train on: {cfg.data.store} has "
+                             f"{len(dataset)} pairs")
     train_ids, eval_ids = list(range(len(dataset) - hold)), list(range(len(dataset) - hold, len(dataset)))
     shapes = dataset.shapes()
     errors = store_errors(cfg, arch, cfg.data.store, dataset.store.attrs, shapes)
@@ -123,6 +129,9 @@ def build_run(cfg, pg) -> TrainingRun:
     cache_path = Path(cfg.data.store) / "reference_cache"
     if cfg.objective.reference.mode == "cached":
         errors += reference_cache_errors(cfg, cache_path, fm, dtype)
+    too_big = batch_size_errors(cfg, [shapes[i] for i in train_ids], cfg.data.store, hold)
+    if too_big:  # the sampler refuses a batch that no bucket fills: say it in the recipe's terms first
+        raise InputMismatch(errors + too_big)
     small = "drop" if cfg.data.small_buckets == "error" else cfg.data.small_buckets
     sampler = PairSampler([shapes[i] for i in train_ids], per_rank, dp_rank, dp_size, seed=cfg.run.seed,
                           small_buckets=small)
@@ -167,5 +176,8 @@ def build_run(cfg, pg) -> TrainingRun:
     if latest is not None:
         state = run.checkpointer.load(latest, run.model_chunks, optimizer)
         run.start_step, run.skipped_total = int(state["step"]), int(state.get("skipped_total", 0))
-        sampler.load_state_dict(state["sampler"])
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as e:  # the store grew or shrank since the checkpoint (or seed / small_buckets changed)
+            raise resume_mismatch(latest, cfg.data.store, str(e)) from e
     return run

@@ -47,9 +47,10 @@ def test_invalid_point_is_recorded_not_run(tmp_path):
 
 
 def test_timed_out_point_is_recorded_and_ended(tmp_path):
-    # ended with everything it started (the session guard in conftest.py fails the run on a leftover)
-    record = run_point(TINY, (), sets=["data.store=/nowhere"], world_size=1, steps=2, warmup=1, workdir=tmp_path,
-                       timeout=1)
+    # ended with everything it started (the session guard in conftest.py fails the run on a leftover); the
+    # store must exist (validate refuses a missing one): the run is ended long before it would read it
+    record = run_point(TINY, (), sets=[f"data.store={tmp_path}"], world_size=1, steps=2, warmup=1,
+                       workdir=tmp_path, timeout=1)
     assert record["status"].startswith("failed (rc timeout after 1 s)"), record["status"]
 
 

@@ -85,3 +85,18 @@ def test_repeat_trains_every_pair_every_epoch_and_resumes_exactly():
     assert taken + _epoch(resumed) + _epoch(resumed) == reference
     with pytest.raises(ValueError, match="another pair list or seed"):   # a "drop" state resumes no "repeat" run
         PairSampler(PROBE, 1, 2, 4, seed=5).load_state_dict(run.state_dict())
+
+
+def test_a_refused_state_says_what_changed():
+    """The checkpoint's sampler state records its pair count and mode, so a refusal can name the change."""
+    state = PairSampler(SHAPES, 2, 0, 2, seed=7).state_dict()
+    with pytest.raises(ValueError, match=f"{len(SHAPES)} training pairs then, {len(SHAPES) + 2} now"):
+        PairSampler(SHAPES + SHAPES[:2], 2, 0, 2, seed=7).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed 7 then, 8 now"):
+        PairSampler(SHAPES, 2, 0, 2, seed=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="small buckets 'drop' then, 'repeat' now"):
+        PairSampler(SHAPES, 2, 0, 2, seed=7, small_buckets="repeat").load_state_dict(state)
+    old = {k: state[k] for k in ("epoch", "step", "seed", "fingerprint")}     # written before the count was kept
+    with pytest.raises(ValueError, match="does not record how many then"):
+        PairSampler(SHAPES[::-1], 2, 0, 2, seed=7).load_state_dict(old)
+    PairSampler(SHAPES, 2, 0, 2, seed=7).load_state_dict(old)                   # and still resumes its own list
