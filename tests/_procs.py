@@ -50,3 +50,26 @@ def describe(p: psutil.Process) -> str:
         return f"pid {p.pid}: {' '.join(p.cmdline())[:300]}"
     except psutil.NoSuchProcess:
         return f"pid {p.pid}: (gone)"
+
+
+def wait_for(predicate, proc, timeout: float) -> bool:
+    """Poll `predicate` until it holds (True), `proc` ends or `timeout` s pass (False)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def output_of(proc) -> str:
+    """A started process's output so far, for a failure message (its tree is ended first: it may still run)."""
+    from megatron_regdpo.parallel.procs import kill_tree
+
+    if proc.poll() is None:
+        kill_tree(proc.pid)
+    return proc.communicate()[0]

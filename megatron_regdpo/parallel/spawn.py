@@ -29,6 +29,12 @@ def _entry(rank: int, world: int, port: int, fn, payload, out_dir: str) -> None:
     except BaseException:  # noqa: BLE001 -- hand any failure to the parent with its traceback
         torch.save({"ok": False, "error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
         raise
+    finally:
+        # a rank that exits with its process group still up can abort in C++ teardown ("terminate called
+        # without an active exception", SIGABRT) while gloo's threads still run: tear it down first
+        from .groups import destroy_distributed
+
+        destroy_distributed()
 
 
 def run_world(world: int, fn, payload) -> list:

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from _procs import describe
+from _procs import describe, output_of, wait_for
 
 from megatron_regdpo.parallel.procs import kill_all, kill_tree, wait_gone
 
@@ -51,20 +50,8 @@ def launch():
 
 
 def _wait_for(predicate, proc, timeout=90.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
+    return wait_for(predicate, proc, timeout)
 
-
-def _output(proc) -> str:
-    if proc.poll() is None:
-        kill_tree(proc.pid)
-    return proc.communicate()[0]
 
 
 def _metrics(out) -> list[dict]:
@@ -81,7 +68,7 @@ def test_sigterm_to_the_job_while_saving_saves_and_exits_0(store, tmp_path, laun
     ckpts = tmp_path / "tiny-cpu" / "checkpoints"
     job = launch(*_overrides(store, tmp_path, 1000, "checkpoint.interval=1", "checkpoint.keep=2"))
     saving = lambda: (ckpts / "latest").exists() and any(ckpts.glob("*.partial"))  # noqa: E731
-    assert _wait_for(saving, job), _output(job)
+    assert _wait_for(saving, job), output_of(job)
     tree = _tree(job.pid)
     launch.workers += tree
     if target == "process group":   # a scheduler's kill -TERM -- -PGID: the launcher script's group
@@ -103,7 +90,7 @@ def test_sigkill_of_torchrun_stops_its_workers_and_a_rerun_starts_cleanly(store,
 
     job = launch(*_overrides(store, tmp_path, 1000, "checkpoint.interval=2"))
     jsonl = tmp_path / "tiny-cpu" / "metrics.jsonl"
-    assert _wait_for(lambda: jsonl.exists() and jsonl.read_text().count("\n") >= 1, job), _output(job)
+    assert _wait_for(lambda: jsonl.exists() and jsonl.read_text().count("\n") >= 1, job), output_of(job)
     torchrun = next(p for p in _tree(job.pid) if TORCHRUN in " ".join(p.cmdline()))
     workers = torchrun.children(recursive=True)
     launch.workers += workers
@@ -125,7 +112,7 @@ def test_second_trainer_on_a_run_folder_fails_naming_the_holder(store, tmp_path,
 
     first = launch(*_overrides(store, tmp_path, 1000), launcher=False)
     jsonl = tmp_path / "tiny-cpu" / "metrics.jsonl"
-    assert _wait_for(lambda: jsonl.exists(), first), _output(first)
+    assert _wait_for(lambda: jsonl.exists(), first), output_of(first)
     capsys.readouterr()
     assert main(["--config", str(ROOT / RECIPE), *_overrides(store, tmp_path, 2)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

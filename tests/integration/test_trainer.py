@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _procs import describe
+from _procs import describe, output_of, wait_for
 
 from megatron_regdpo.parallel.procs import kill_all, kill_tree, stop_tree, wait_gone
 
@@ -87,27 +86,14 @@ def start():
 
 
 def _wait_for(predicate, proc, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
+    return wait_for(predicate, proc, timeout)
 
-
-def _output(proc) -> str:
-    """The trainer's output so far, for a failure message (it is ended first: it may still be running)."""
-    if proc.poll() is None:
-        kill_tree(proc.pid)
-    return proc.communicate()[0]
 
 
 def test_sigterm_saves_at_step_boundary_and_exits_0(store, tmp_path, start):
     proc = start(store, tmp_path, 1000)
     jsonl = tmp_path / "tiny-cpu" / "metrics.jsonl"
-    assert _wait_for(lambda: jsonl.exists() and jsonl.read_text().count("\n") >= 2, proc), _output(proc)
+    assert _wait_for(lambda: jsonl.exists() and jsonl.read_text().count("\n") >= 2, proc), output_of(proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -123,7 +109,7 @@ def test_kill_during_save_leaves_previous_checkpoint(store, tmp_path, start):
     ckpts = tmp_path / "tiny-cpu" / "checkpoints"
     proc = start(store, tmp_path, 1000, "checkpoint.interval=1", "checkpoint.keep=2")
     partial_after_first = lambda: (ckpts / "latest").exists() and any(ckpts.glob("*.partial"))  # noqa: E731
-    assert _wait_for(partial_after_first, proc), _output(proc)
+    assert _wait_for(partial_after_first, proc), output_of(proc)
     started = stop_tree(proc.pid)[1:]   # frozen, so the trainer starts no more: what it started so far
     proc.kill()                         # the trainer only, as an OOM killer would
     proc.wait()
