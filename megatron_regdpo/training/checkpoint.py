@@ -25,6 +25,8 @@ from megatron_regdpo.checkpoint_io.megatron_ckpt import (META_FILE, barrier, is_
                                                          with_own_extra_state)
 from megatron_regdpo.parallel.data_parallel import unwrap
 
+from .optimizer import load_optimizer_checkpoint_state, optimizer_checkpoint_state
+
 LATEST = "latest"
 
 
@@ -35,7 +37,7 @@ def _sharded_state(model_chunks: list, optimizer, trainer_state: dict | None, is
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rng = ShardedObject("rng_state", torch.get_rng_state() if not is_loading else None, (world,), (rank,),
                         replica_id=0)
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+    return {"model": model_sd, "optimizer": optimizer_checkpoint_state(optimizer, model_sd, is_loading),
             "trainer": dict(trainer_state or {}), "rng": rng}
 
 
@@ -115,6 +117,6 @@ class Checkpointer:
                                   + self._previous_hint(path, move_aside=True)) from e.__cause__
         for chunk in model_chunks:
             unwrap(chunk).load_state_dict(with_own_extra_state(unwrap(chunk), state["model"]), strict=True)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_checkpoint_state(optimizer, state["optimizer"])
         torch.set_rng_state(state["rng"])
         return state["trainer"]

@@ -19,6 +19,15 @@ def build_optimizer(optim, parallel, params_dtype: torch.dtype, model_chunks: li
     return get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False)
 
 
+def optimizer_checkpoint_state(optimizer, model_sharded_state: dict, is_loading: bool) -> dict:
+    """The optimizer's part of a training checkpoint (dist_checkpointing sharded objects)."""
+    return optimizer.sharded_state_dict(model_sharded_state, is_loading=is_loading)
+
+
+def load_optimizer_checkpoint_state(optimizer, loaded: dict) -> None:
+    optimizer.load_state_dict(loaded)
+
+
 def lr_at(step: int, optim, schedule) -> float:
     """Linear warmup over `warmup_steps`, then constant or cosine decay to `min_lr` at `train_steps`."""
     if schedule.warmup_steps and step < schedule.warmup_steps:
