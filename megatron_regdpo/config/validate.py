@@ -148,8 +148,6 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
     if par.fsdp and par.distributed_optimizer:
         errors.append("parallel.fsdp and parallel.distributed_optimizer are mutually exclusive"
                       " (FSDP already shards optimizer state)")
-    if par.fsdp and pp != 1:
-        errors.append(f"parallel.fsdp requires parallel.pp=1 (no pipeline parallelism), got pp={pp}")
 
     # --- LoRA, objective, optimizer, schedule, checkpoint
     lora = cfg.lora

@@ -1,5 +1,6 @@
-"""Data-parallel wrapping: megatron-core DDP (optionally with the distributed optimizer's sharded
-buffers) or Megatron-FSDP. The last step of build order: TP/SP/CP are in the model already."""
+"""Data-parallel wrapping, the last step of the build order (TP/SP/CP and recompute are in the model
+already): megatron-core DDP (optionally with the distributed optimizer's sharded buffers), or FSDP2
+(`parallel.fsdp`, parallel/fsdp2.py), which shards the weights, gradients and optimizer state."""
 from __future__ import annotations
 
 import torch
@@ -14,29 +15,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def ddp_config(parallel) -> DistributedDataParallelConfig:
-    """Our `parallel` config section -> megatron's DDP config."""
-    if parallel.fsdp:
-        return DistributedDataParallelConfig(
-            grad_reduce_in_fp32=parallel.grad_reduce_in_fp32, use_distributed_optimizer=True,
-            use_megatron_fsdp=True, data_parallel_sharding_strategy="optim_grads_params")
+    """Our `parallel` config section -> megatron's DDP config (without FSDP)."""
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=parallel.grad_reduce_in_fp32, overlap_grad_reduce=False,
         use_distributed_optimizer=parallel.distributed_optimizer, check_for_nan_in_grad=False)
 
 
 def wrap_data_parallel(model: torch.nn.Module, parallel, pg_collection) -> torch.nn.Module:
-    cfg = ddp_config(parallel)
-    if cfg.use_megatron_fsdp:
-        if not torch.cuda.is_available():
-            # megatron-core's FSDP builds DeviceMesh(device_type="cuda"), calls Tensor.cuda() when it
-            # validates its shards and runs on CUDA streams: there is no CPU path to patch narrowly.
-            raise ValueError("parallel.fsdp=true (Megatron-FSDP) needs CUDA GPUs; on CPU use "
-                             "parallel.distributed_optimizer=true, which shards the optimizer state the same way")
-        from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+    if parallel.fsdp:
+        from .fsdp2 import FSDP2Model
 
-        # the unit of sharding is the model's block class (megatron-core's default, TransformerLayer,
-        # matches no module of a Wan model and leaves nothing to shard)
-        return FullyShardedDataParallel(config=model.config, ddp_config=cfg, module=model,
-                                        pg_collection=pg_collection,
-                                        fsdp_unit_modules=list(getattr(model, "fsdp_unit_modules", ())))
-    return DistributedDataParallel(config=model.config, ddp_config=cfg, module=model, pg_collection=pg_collection)
+        return FSDP2Model(model, pg_collection, compute_dtype=model.config.params_dtype,
+                          grad_reduce_in_fp32=parallel.grad_reduce_in_fp32)
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config(parallel), module=model,
+                                   pg_collection=pg_collection)

@@ -11,12 +11,16 @@ from typing import Callable, Iterator
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from .fsdp2 import finalize_fsdp2_grads
+
 
 def forward_backward(model_chunks: list, forward_step: Callable, data_iterator: Iterator, num_microbatches: int,
                      tokens: int, micro_batch_size: int, pg_collection, forward_only: bool = False) -> list:
     """Run the step's micro-batches; returns the loss_func outputs of the last stage (else [])."""
     config = model_chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
+    # FSDP2 chunks reduce their gradients themselves and finish with their own cross-rank sums
+    config.finalize_model_grads_func = finalize_fsdp2_grads if hasattr(model_chunks[0], "finalize_grads") \
+        else finalize_model_grads
     config.no_sync_func = getattr(model_chunks[0], "no_sync", None) if len(model_chunks) == 1 else \
         [c.no_sync for c in model_chunks]
     config.grad_scale_func = None

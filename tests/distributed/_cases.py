@@ -147,13 +147,7 @@ def run_case(layout: dict, payload: dict) -> dict:
                                                      use_distributed_optimizer=par.distributed_optimizer), [ddp],
                                      use_gloo_process_groups=False)
         opt.step()
-        def full(p):  # Megatron-FSDP holds parameters as uneven DTensor shards
-            if not hasattr(p, "full_tensor"):
-                return p
-            from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import (
-                gather_uneven_dtensor_to_full_tensor)
-            return gather_uneven_dtensor_to_full_tensor(p).to_local()
-        result["params"] = {names[n]: _unshard(full(p), p, pg.tp).cpu() for n, p in model.named_parameters()}
+        result["params"] = {names[n]: _unshard(p, p, pg.tp).cpu() for n, p in model.named_parameters()}
     return result
 
 

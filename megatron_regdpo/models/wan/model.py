@@ -39,7 +39,7 @@ class WanModel(MegatronModule):
     # embedding tied to an output layer, so nothing is shared between the first and last stage
     model_type = ModelType.encoder_or_decoder
     share_embeddings_and_output_weights = False
-    fsdp_unit_modules = (WanLayer,)  # Megatron-FSDP shards and gathers parameters one block at a time
+    fsdp_unit_modules = (WanLayer,)  # FSDP2 shards and gathers parameters one block at a time
 
     def __init__(self, config, arch: WanArch, layer_spec, pg_collection,
                  pre_process: bool = True, post_process: bool = True, vp_stage=None):
