@@ -25,6 +25,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
+from .fsdp2_shards import copy_into_shards, is_sharded, local_shards
 from .hints import not_a_checkpoint
 from .integrity import CheckpointError, verify, write_manifest
 from .safe_load import safe_unpickling
@@ -116,6 +117,11 @@ def read_meta(ckpt_dir: str | Path) -> dict:
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """The model's tensors from a model checkpoint or a training checkpoint (which also holds optimizer
     and trainer state: dist_checkpointing returns those common entries too; they are not the model's)."""
+    if is_sharded(model):  # FSDP2: each rank reads its own shard of each weight
+        wanted = local_shards(model)
+        state = load_sharded(wanted, ckpt_dir)
+        copy_into_shards(model, {k: v for k, v in state.items() if k in wanted})
+        return
     wanted = model.sharded_state_dict()
     state = load_sharded(wanted, ckpt_dir)
     model.load_state_dict(with_own_extra_state(model, {k: v for k, v in state.items() if k in wanted}), strict=True)

@@ -145,6 +145,9 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
                       f" (got backend={cfg.model.backend!r}, params_dtype={prec.params_dtype!r})")
     if geometry_ok and split_ok and min(tp, cp, micro) >= 1:  # Transformer Engine's FP8 GEMM and CP shapes
         errors += te_shape_errors(cfg, arch, tokens, latent[0], dp)
+    if par.fsdp and cfg.objective.reference.mode == "cpu_swap":
+        errors.append("objective.reference.mode='cpu_swap' swaps whole weights, parallel.fsdp shards them: use "
+                      "'resident' (sharded like the policy) or 'lora_base'/'cached'")
     if par.fsdp and par.distributed_optimizer:
         errors.append("parallel.fsdp and parallel.distributed_optimizer are mutually exclusive"
                       " (FSDP already shards optimizer state)")

@@ -3,14 +3,17 @@
 - A step's global batch is `micro_batch * dp_size` pairs of ONE latent shape (a batch never mixes shapes);
   data-parallel rank r takes the r-th slice, so ranks are disjoint, and every rank of a model-parallel
   group (same dp_rank) gets the same ids without any communication.
-- Deterministic in (seed, epoch, dp_rank): each epoch shuffles the pairs within each shape, cuts them into
-  global batches, and shuffles the batch order. A shape's last partial batch is, by `small_buckets`:
+- The global batches depend only on (seed, epoch, global batch size): each epoch shuffles the pairs within
+  each shape, cuts them into global batches, and shuffles the batch order (a rank's slice adds its
+  dp_rank). A shape's last partial batch is, by `small_buckets`:
   "drop": left out this epoch (the next epoch's shuffle trains those pairs), but a shape with fewer pairs than
   one global batch is then never trained: `small_buckets()` names them so a run can refuse to start;
   "repeat": filled with the first pairs of the same shape's shuffle (torch's DistributedSampler pads the same
   way), so every pair trains every epoch; a shape smaller than a global batch repeats pairs within a batch.
-- `state_dict` = (epoch, steps taken in it) + a fingerprint of the pair list (and its length and mode, to say
-  what changed): resuming mid-epoch continues exactly, and resuming against a different pair list is refused.
+- `state_dict` = (epoch, global steps taken in it, global batch size) + a fingerprint of the pair list (and
+  its length and mode, to say what changed): resuming mid-epoch continues exactly, at any data-parallel size
+  with the same global batch (no pair repeated or skipped); another global batch (GlobalBatchChanged) or pair
+  list is refused. States written before the global batch was recorded load as before.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ import hashlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+
+class GlobalBatchChanged(ValueError):
+    """A sampler state saved with another global batch size: its position means other batches."""
 
 
 class PairSampler:
@@ -91,11 +98,19 @@ class PairSampler:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "fingerprint": self.fingerprint,
-                "pairs": len(self.shapes), "small_buckets": "repeat" if self.pad else "drop"}
+                "pairs": len(self.shapes), "small_buckets": "repeat" if self.pad else "drop",
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint or state["seed"] != self.seed:
             raise ValueError(f"sampler state is for another pair list or seed: {self._difference(state)}")
+        was = state.get("global_batch")
+        if was is not None and was != self.global_batch:
+            raise GlobalBatchChanged(
+                f"the sampler state is at step {state['step']} of epoch {state['epoch']} in global batches of {was} "
+                f"pairs, this run's global batch is {self.global_batch} pairs ({self.micro_batch} per data-parallel "
+                f"rank x {self.dp_size}): its epoch is cut into other batches, so the position would repeat or skip "
+                f"pairs; resume with the global batch of {was} pairs (any data-parallel size that divides it)")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def _difference(self, state: dict) -> str:

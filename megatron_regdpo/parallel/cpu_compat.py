@@ -18,6 +18,7 @@ import textwrap
 import torch
 
 _APPLIED: list[str] = []
+_RECOMPILED: set = set()  # functions made by _recompiled (their source cannot be read again)
 
 # module -> the CUDA assumptions in it that CPU runs hit (megatron-core 0.16.1 through 0.19.2)
 LENSED_MODULES = {
@@ -48,6 +49,14 @@ LENSED_MODULES = {
         "shard buffers allocated on torch.cuda.current_device()",
     "megatron.core.optimizer.clip_grads":
         "grad-norm reduction tensors created with device='cuda'",
+}
+
+# methods that call Tensor.cuda(), which no module lens reaches: recompiled with `<name>.cuda()` replaced by
+# `<name>.to(torch.cuda.current_device())`, the CPU through their module's lens (the module must be lensed)
+CUDA_CALLS = {
+    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.get_parameter_state_dp_zero":
+        ("send_tensor", "gathering the state for a fully_reshardable optimizer checkpoint moves each send buffer "
+                        "to CUDA before the all-gather"),
 }
 
 # modules whose functions compare tensor type names against the CUDA ones ('torch.cuda.FloatTensor')
@@ -133,21 +142,22 @@ def _lens_modules() -> None:
 _CUDA_TYPE_NAMES = {f"'torch.cuda.{t}Tensor'": f"'torch.{t}Tensor'" for t in ("Float", "Half", "BFloat16")}
 
 
-def _recompiled(fn, module, owner):
-    """`fn` recompiled from its source with the CUDA tensor type names replaced by the CPU ones.
+def _recompiled(fn, module, owner, replacements: dict):
+    """`fn` recompiled from its source with each key of `replacements` replaced by its value.
 
     A method's zero-argument super() needs the class cell of its original definition, which a
     recompiled function lacks, so it is spelled out as super(<owner>, self)."""
     src = textwrap.dedent(inspect.getsource(fn))
     if inspect.isclass(owner):
         src = src.replace("super()", f"super({owner.__name__}, self)")
-    for cuda_name, cpu_name in _CUDA_TYPE_NAMES.items():
-        src = src.replace(cuda_name, cpu_name)
+    for old, new in replacements.items():
+        src = src.replace(old, new)
     src = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith("@"))
     namespace: dict = {}
     exec(compile(src, inspect.getsourcefile(fn), "exec"), module.__dict__, namespace)
     new = namespace[fn.__name__]
     new.__qualname__ = fn.__qualname__
+    _RECOMPILED.add(new)
     return new
 
 
@@ -166,10 +176,28 @@ def _patch_tensor_type_names() -> None:
                     continue
                 if not any(t in inspect.getsource(fn) for t in _CUDA_TYPE_NAMES):
                     continue
-                new = _recompiled(fn, module, owner)
+                new = _recompiled(fn, module, owner, _CUDA_TYPE_NAMES)
                 setattr(owner, attr, type(raw)(new) if isinstance(raw, (staticmethod, classmethod)) else new)
                 count += 1
         _APPLIED.append(f"{name}: {why} ({count} function(s) use CPU type names)")
+
+
+def _patch_cuda_calls() -> None:
+    # A function recompiled by _patch_tensor_type_names has no source of its own to read again: a listed
+    # method must not also compare type names (were it to, both replacements would go into one recompile).
+    for target, (name, why) in CUDA_CALLS.items():
+        module_name, qualname = target.split(":")
+        module = importlib.import_module(module_name)
+        assert module_name in LENSED_MODULES, module_name
+        owner_name, attr = qualname.split(".")
+        owner = getattr(module, owner_name)
+        fn = vars(owner)[attr]
+        assert fn not in _RECOMPILED, target
+        call = f"{name}.cuda()"
+        if call not in inspect.getsource(fn):  # a megatron-core version without the call: nothing to answer
+            continue
+        setattr(owner, attr, _recompiled(fn, module, owner, {call: f"{name}.to(torch.cuda.current_device())"}))
+        _APPLIED.append(f"{module_name}: {qualname}: {why}")
 
 
 def _patch_rng_state_helpers() -> None:
@@ -189,6 +217,7 @@ def apply() -> list[str]:
         return list(_APPLIED)
     _lens_modules()
     _patch_tensor_type_names()
+    _patch_cuda_calls()
     _patch_rng_state_helpers()
     return list(_APPLIED)
 

@@ -49,19 +49,22 @@ class FSDP2Model(torch.nn.Module):
         self.tp_group, self.pp_group, self.dp_cp_group = pg_collection.tp, pg_collection.pp, pg_collection.dp_cp
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.mesh = DeviceMesh.from_group(self.dp_cp_group, device_type=device, mesh_dim_names=("dp_cp",))
+        from megatron_regdpo.checkpoint_io.fsdp2_shards import record_geometry
+
+        record_geometry(module)  # the checkpoint's description of each weight, taken before sharding
         tags = {name: {t: getattr(p, t) for t in PARAM_TAGS if hasattr(p, t)} for name, p in module.named_parameters()}
-        with torch.no_grad():
-            for p in module.parameters():  # fp32 master weights for what the optimizer updates
-                if p.requires_grad and p.dtype != torch.float32:
-                    p.data = p.data.float()
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype,
                                       reduce_dtype=torch.float32 if grad_reduce_in_fp32 else compute_dtype,
                                       cast_forward_inputs=False)  # the model casts its inputs itself
-        for unit in module.modules():
-            if isinstance(unit, tuple(getattr(module, "fsdp_unit_modules", ()))):
-                fully_shard(unit, mesh=self.mesh, mp_policy=policy, reshard_after_forward=True)
-        # the root's parameters are used again right at the start of the backward: keep them gathered
-        fully_shard(module, mesh=self.mesh, mp_policy=policy, reshard_after_forward=False)
+        units = [m for m in module.modules() if isinstance(m, tuple(getattr(module, "fsdp_unit_modules", ())))]
+        for unit in units:  # one unit at a time: at most one unit's fp32 copy exists unsharded
+            _master_weights_fp32(unit)
+            fully_shard(unit, mesh=self.mesh, mp_policy=policy, reshard_after_forward=True)
+        _master_weights_fp32(module)  # the root's own (the units' are shards by now)
+        # a trained model's root parameters are used again right at the start of the backward: kept gathered;
+        # a frozen one (a reference) has no backward and gives its memory back after each forward
+        frozen = not any(p.requires_grad for p in module.parameters())
+        fully_shard(module, mesh=self.mesh, mp_policy=policy, reshard_after_forward=frozen)
         for name, p in module.named_parameters():
             for tag, value in tags[name].items():
                 setattr(p, tag, value)
@@ -96,14 +99,22 @@ class FSDP2Model(torch.nn.Module):
 
     # the checkpoint protocol of training/checkpoint.py
     def checkpoint_sharded_state_dict(self) -> dict:
-        from .fsdp2_state import local_shards
+        from megatron_regdpo.checkpoint_io.fsdp2_shards import local_shards
 
-        return local_shards(self.module.sharded_state_dict(), self.mesh)
+        return local_shards(self.module, dtype=self.config.params_dtype)
 
     def load_checkpoint_state(self, loaded: dict) -> None:
-        from .fsdp2_state import copy_into_shards
+        from megatron_regdpo.checkpoint_io.fsdp2_shards import copy_into_shards
 
         copy_into_shards(self.module, loaded)
+
+
+def _master_weights_fp32(module: torch.nn.Module) -> None:
+    """Trainable, not yet sharded parameters of `module` to fp32 (what the optimizer updates)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad and p.dtype != torch.float32 and not isinstance(p, DTensor):
+                p.data = p.data.float()
 
 
 def _sum_local_grads(params: list, group) -> None:

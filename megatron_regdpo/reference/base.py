@@ -45,7 +45,8 @@ def model_errors(model: torch.nn.Module, batch: ReferenceBatch, cp_group=None) -
     if not (model.pre_process and model.post_process):
         raise ValueError("the reference forward needs the whole model on this rank (pipeline parallelism "
                          "runs it through the schedule, as a forward-only pass)")
-    out_BSP = model.forward_tokens(batch.x_t, batch.timestep, batch.text, batch.image)
+    # called, not `forward_tokens`: an FSDP2-sharded model gathers its weights in its forward hooks
+    out_BSP = model(batch.x_t, batch.timestep, batch.text, batch.image, return_tokens=True)
     target_BSP = model.cp_chunk(model.patchify(batch.target))
     return per_sample_sq_err(out_BSP, target_BSP, group=cp_group)
 

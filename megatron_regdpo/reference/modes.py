@@ -109,28 +109,37 @@ class CachedReference(ReferenceErrors):
 
 
 def frozen_reference_model(build_model: Callable[[], torch.nn.Module], policy: torch.nn.Module | None = None,
-                           checkpoint=None) -> torch.nn.Module:
-    """A base model (no adapters) in the policy's layout with the reference weights, frozen, in eval mode."""
+                           checkpoint=None, shard: Callable | None = None) -> torch.nn.Module:
+    """A base model (no adapters) in the policy's layout with the reference weights, frozen, in eval mode.
+    `shard` (FSDP2 policies): shards the frozen model like the policy before its weights are loaded, so
+    each rank holds and reads only its shard."""
+    from megatron_regdpo.checkpoint_io.fsdp2_shards import copy_into_shards, is_sharded
+    from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
+
     model = build_model()
     if has_lora(model):
         raise ValueError("build_model must build the base model, without LoRA adapters")
-    if checkpoint is not None:
-        from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
-
-        load_model(model, checkpoint)
-    elif policy is not None:
-        with torch.no_grad():
-            model.load_state_dict(base_state_dict(unwrap(policy)), strict=True)
-    else:
-        raise ValueError("the reference weights come from `policy` (its base weights) or `checkpoint`")
     for p in model.parameters():
         p.requires_grad_(False)
+    if shard is not None:
+        model = shard(model)
+    if checkpoint is not None:
+        load_model(model, checkpoint)
+    elif policy is not None:
+        base = base_state_dict(unwrap(policy))
+        if is_sharded(model):  # the same mesh and shapes as the policy: shard for shard
+            copy_into_shards(model, {k: v.to_local() if hasattr(v, "to_local") else v for k, v in base.items()})
+        else:
+            with torch.no_grad():
+                model.load_state_dict(base, strict=True)
+    else:
+        raise ValueError("the reference weights come from `policy` (its base weights) or `checkpoint`")
     return model.eval()
 
 
 def build_reference(mode: str, policy: torch.nn.Module | None = None, *,
                     build_model: Callable[[], torch.nn.Module] | None = None, checkpoint=None, cp_group=None,
-                    cache_path=None, expect: Mapping | None = None) -> ReferenceErrors:
+                    cache_path=None, expect: Mapping | None = None, shard: Callable | None = None) -> ReferenceErrors:
     """The ReferenceErrors for `mode` (config: objective.reference.mode).
 
     policy: the (possibly DDP-wrapped) policy model. build_model: builds a base model in the policy's layout
@@ -152,6 +161,9 @@ def build_reference(mode: str, policy: torch.nn.Module | None = None, *,
         return CachedReference(ReferenceCache(cache_path, expect))
     if build_model is None:
         raise ValueError(f"mode {mode!r} needs build_model (a base model in the policy's layout)")
-    model = frozen_reference_model(build_model, policy, checkpoint)
+    if shard is not None and mode == "cpu_swap":
+        raise ValueError("objective.reference.mode='cpu_swap' swaps whole weights: with parallel.fsdp use 'resident' "
+                         "(sharded like the policy, 1/(DP x CP) of the weights per rank) or 'lora_base'/'cached'")
+    model = frozen_reference_model(build_model, policy, checkpoint, shard)
     cp_group = cp_group if cp_group is not None else getattr(model, "cp_group", None)
     return ResidentReference(model, cp_group) if mode == "resident" else CpuSwapReference(model, cp_group)

@@ -1,5 +1,5 @@
 """Training checkpoints with megatron-core dist_checkpointing: model (and LoRA), optimizer, trainer
-state (step, sampler, counters), per-rank RNG.
+state (step, sampler, counters), every rank's RNG.
 
 Layout: <root>/iter_0000123/ (one per save), <root>/latest (the name of the newest complete one).
 A save is written aside into iter_XXXXXXX.partial and published by a rename, then `latest` is
@@ -7,6 +7,16 @@ replaced atomically; a process killed at any point leaves the previous checkpoin
 newest `keep` checkpoints are kept. Parameters and optimizer state reshard on load.
 Each checkpoint carries checksums.json; a damaged or missing newest checkpoint is a CheckpointError that
 names the file and gives the command to resume from the previous kept one (never a silent fallback).
+
+Any layout resumes any other valid one: model and optimizer reshard (dist_checkpointing), the sampler's
+position is a global step (data/sampler.py), and the RNG follows rng_state.py's rule: the same layout gets
+each rank's own states back (bitwise resume), another layout re-seeds every rank from (run seed, step, its
+position in the layout). Checkpoints written before that rule hold the CPU generator as a ShardedObject
+"rng_state" of global shape (world size,): they restore it at their own world size and re-seed at another.
+
+A model chunk may bring its own checkpoint form (parallel/fsdp2.py): `checkpoint_sharded_state_dict()` is
+saved instead of the unwrapped module's `sharded_state_dict()`, and `load_checkpoint_state(state_dict)`
+replaces the strict `load_state_dict`.
 """
 from __future__ import annotations
 
@@ -18,37 +28,69 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_regdpo.checkpoint_io.integrity import CheckpointError, write_manifest
 from megatron_regdpo.checkpoint_io.megatron_ckpt import (META_FILE, barrier, is_rank0, load_sharded, save_sharded,
                                                          with_own_extra_state)
+from megatron_regdpo.checkpoint_io.safe_load import safe_unpickling
 from megatron_regdpo.parallel.data_parallel import unwrap
 
+from . import rng_state
 from .optimizer import load_optimizer_checkpoint_state, optimizer_checkpoint_state
 
 LATEST = "latest"
+LEGACY_RNG = "rng_state"  # the ShardedObject key of checkpoints written before rng_state.py
 
 
-def _sharded_state(model_chunks: list, optimizer, trainer_state: dict | None, is_loading: bool) -> dict:
+def _model_state(chunk) -> dict:
+    own = getattr(chunk, "checkpoint_sharded_state_dict", None)
+    return own() if own is not None else unwrap(chunk).sharded_state_dict()
+
+
+def _load_model_state(chunk, loaded: dict) -> None:
+    own = getattr(chunk, "load_checkpoint_state", None)
+    if own is not None:
+        own(loaded)
+    else:
+        unwrap(chunk).load_state_dict(with_own_extra_state(unwrap(chunk), loaded), strict=True)
+
+
+def _sharded_state(model_chunks: list, optimizer, trainer_state: dict | None, rng: dict | None) -> dict:
+    """What a save writes (`rng`: rng_state.gather's, common state) or, with `rng` None, what a load asks for."""
     model_sd = {}
     for chunk in model_chunks:
-        model_sd.update(unwrap(chunk).sharded_state_dict())
+        model_sd.update(_model_state(chunk))
+    state = {"model": model_sd, "optimizer": optimizer_checkpoint_state(optimizer, model_sd, rng is None),
+             "trainer": dict(trainer_state or {})}
+    if rng is not None:
+        state["rng"] = rng
+    return state
+
+
+def _legacy_rng(path: Path) -> torch.Tensor | None:
+    """This rank's CPU generator state from a checkpoint written before rng_state.py, when that was saved by
+    as many ranks as run now; else None. Reads only `.metadata` and the one object (the caller has just
+    loaded, so verified, the folder)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    rng = ShardedObject("rng_state", torch.get_rng_state() if not is_loading else None, (world,), (rank,),
-                        replica_id=0)
-    return {"model": model_sd, "optimizer": optimizer_checkpoint_state(optimizer, model_sd, is_loading),
-            "trainer": dict(trainer_state or {}), "rng": rng}
+    wanted = ShardedObject(LEGACY_RNG, None, (world,), (rank,), replica_id=0)
+    with safe_unpickling():
+        if wanted.unique_key not in FileSystemReader(str(path)).read_metadata().state_dict_metadata:
+            return None
+        return dist_checkpointing.load({"rng": wanted}, str(path))["rng"]
 
 
 class Checkpointer:
     """`meta` (model family, architecture, dtype) is written as model.json into every checkpoint, so
-    tools/convert_checkpoint.py can export a training checkpoint directly."""
+    tools/convert_checkpoint.py can export a training checkpoint directly. `pg` (the job's process groups)
+    names the layout the RNG states are saved under; `seed` (run.seed) keys the re-seeding at another one."""
 
-    def __init__(self, root: str | Path, keep: int = 2, meta: dict | None = None):
+    def __init__(self, root: str | Path, keep: int = 2, meta: dict | None = None, pg=None, seed: int = 0):
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-        self.root, self.keep, self.meta = Path(root), keep, meta
+        self.root, self.keep, self.meta, self.pg, self.seed = Path(root), keep, meta, pg, seed
 
     def latest(self) -> Path | None:
         marker = self.root / LATEST
@@ -68,7 +110,8 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         barrier()
-        state = _sharded_state(model_chunks, optimizer, {**trainer_state, "step": step}, is_loading=False)
+        rng = rng_state.gather(rng_state.layout_of(self.pg))  # before any writer: it is a collective
+        state = _sharded_state(model_chunks, optimizer, {**trainer_state, "step": step}, rng)
         save_sharded(state, partial)  # its writer processes die with this one
         barrier()
         if is_rank0():
@@ -104,19 +147,25 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: str | Path, model_chunks: list, optimizer) -> dict:
-        """Restore model, optimizer and this rank's RNG from `path`; return the trainer state."""
+        """Restore model, optimizer and this rank's RNG (rng_state.py's rule) from `path`; return the
+        trainer state."""
         path = Path(path)
         try:
             if not (path / "metadata.json").is_file():
                 raise CheckpointError(path, "metadata.json", "is missing: not a complete training checkpoint")
-            state = load_sharded(_sharded_state(model_chunks, optimizer, None, is_loading=True), path)
+            state = load_sharded(_sharded_state(model_chunks, optimizer, None, rng=None), path)
         except CheckpointError as e:
             if path.parent.resolve() != self.root.resolve():
                 raise
             raise CheckpointError(e.folder, e.file, f"{e.problem}; "
                                   + self._previous_hint(path, move_aside=True)) from e.__cause__
         for chunk in model_chunks:
-            unwrap(chunk).load_state_dict(with_own_extra_state(unwrap(chunk), state["model"]), strict=True)
+            _load_model_state(chunk, state["model"])
         load_optimizer_checkpoint_state(optimizer, state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        return state["trainer"]
+        trainer = state["trainer"]
+        legacy = _legacy_rng(path) if "rng" not in state else None
+        if legacy is not None:
+            torch.set_rng_state(legacy)
+        else:
+            rng_state.restore(state.get("rng"), rng_state.layout_of(self.pg), self.seed, int(trainer["step"]))
+        return trainer

@@ -12,7 +12,7 @@ from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
 from megatron_regdpo.config import ConfigError, video_tokens
 from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.data.pairs import PairDataset
-from megatron_regdpo.data.sampler import PairSampler
+from megatron_regdpo.data.sampler import GlobalBatchChanged, PairSampler
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan
 from megatron_regdpo.models.wan.convert import FAMILY
@@ -96,12 +96,6 @@ def build_run(cfg, pg) -> TrainingRun:
     if cfg.parallel.virtual_pp:
         raise ConfigError(f"parallel.virtual_pp={cfg.parallel.virtual_pp}: the interleaved schedule is checked by "
                           f"--dry-run, but the trainer builds one model chunk per stage; unset it")
-    if cfg.parallel.distributed_optimizer:
-        # its step math is checked against one rank (tests/distributed), its checkpoints are not possible here:
-        # dist_checkpointing refuses its default flattened-range layout, and the dp_reshardable layout asserts
-        # on per-parameter Adam steps (megatron-core 0.16); a run that cannot resume exactly is not offered
-        raise ConfigError("parallel.distributed_optimizer=true: the trainer cannot checkpoint the distributed "
-                          "optimizer with megatron-core 0.16 (flattened_range / per-parameter steps); unset it")
     if cfg.checkpoint.async_save:
         raise ConfigError("checkpoint.async_save=true is not supported yet: saves are synchronous (and atomic)")
     if cfg.parallel.pp > 1 and cfg.objective.reference.mode != "cached":
@@ -154,9 +148,15 @@ def build_run(cfg, pg) -> TrainingRun:
     ddp = wrap_data_parallel(model, cfg.parallel, pg)
     optimizer = build_optimizer(cfg.optim, cfg.parallel, dtype, [ddp], pg)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    shard = None
+    if cfg.parallel.fsdp:  # a resident reference is sharded like the policy (never whole on a rank)
+        from megatron_regdpo.parallel.fsdp2 import FSDP2Model
+
+        def shard(frozen):
+            return FSDP2Model(frozen, pg, compute_dtype=dtype, grad_reduce_in_fp32=cfg.parallel.grad_reduce_in_fp32).module
     reference = build_reference(
         cfg.objective.reference.mode, ddp, build_model=lambda: build_base(init=False), checkpoint=cfg.checkpoint.load,
-        cp_group=pg.cp, cache_path=cache_path, expect={"seed": cfg.run.seed, "flow_matching": fm})
+        cp_group=pg.cp, cache_path=cache_path, expect={"seed": cfg.run.seed, "flow_matching": fm}, shard=shard)
     tokens, latent = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
     step_flops = wan_step_flops(arch, latent, cfg.data.text_len, pairs=cfg.data.global_batch_pairs,
                                 reference_forward=cfg.objective.reference.mode != "cached",
@@ -164,7 +164,7 @@ def build_run(cfg, pg) -> TrainingRun:
     run = TrainingRun(
         cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference, dataset=dataset,
         sampler=sampler, checkpointer=Checkpointer(
-            Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.checkpoint.keep,
+            Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.checkpoint.keep, pg=pg, seed=cfg.run.seed,
             meta={"family": FAMILY, "arch": dataclasses.asdict(arch), "dtype": str(dtype),
                   "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)}
                   if cfg.lora.rank > 0 else None}),
@@ -178,6 +178,9 @@ def build_run(cfg, pg) -> TrainingRun:
         run.start_step, run.skipped_total = int(state["step"]), int(state.get("skipped_total", 0))
         try:
             sampler.load_state_dict(state["sampler"])
+        except GlobalBatchChanged as e:  # another DP size is fine, another global batch would reorder the data
+            raise InputMismatch(f"{latest} cannot resume with data.global_batch_pairs="
+                                f"{cfg.data.global_batch_pairs}: {e}") from e
         except ValueError as e:  # the store grew or shrank since the checkpoint (or seed / small_buckets changed)
             raise resume_mismatch(latest, cfg.data.store, str(e)) from e
     return run

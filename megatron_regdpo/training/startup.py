@@ -58,6 +58,16 @@ HARMLESS: tuple[Harmless, ...] = (
              "group, as in every training run, torch does not raise it"),
     Harmless(r"`torch\.jit\.script_method` is deprecated", DeprecationWarning, r"torch\.jit\.",
              "torch's own modules still use it at import; none of ours do"),
+    Harmless(r"FSDP2-wrapped module \(FSDPWan(Layer|Model)\) returned a view tensor", UserWarning,
+             r"torch\.distributed\.fsdp\.", "a WanLayer passes its context (a view) through; nothing modifies a "
+             "layer's outputs in place (megatron-core's block hands them on out of place), and the FSDP2 parity "
+             "tests compare every gradient with one rank"),
+    Harmless(r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning,
+             r"torch\.distributed\.", "torch 2.13 renamed them (the same collectives); megatron-core, DTensor and "
+             "the GPU's torch 2.11 use the old names"),
+    Harmless(r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning,
+             r"megatron\.core\.optimizer\.", "megatron-core's distributed optimizer probes `.grad` on its shard "
+             "views of the weights; their gradients live in its buffers"),
     Harmless(r"MCore's async save is deprecated", None, "megatron.core.dist_checkpointing.strategies.torch",
              "a logger warning by megatron-core 0.19 on every save; our saves are synchronous"),
 )

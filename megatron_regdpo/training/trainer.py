@@ -87,7 +87,7 @@ def train(run, log) -> int:
                                 fm=run.flow_matching, device=run.device, dtype=run.dtype)
             reference_pass(run.reference, mbs, run.reference_batch)
 
-            set_lr(run.optimizer, lr := lr_at(step, cfg.optim, cfg.schedule))
+            set_lr(run.optimizer, lr := lr_at(step, cfg.optim, cfg.schedule), cfg.optim.weight_decay)
             for chunk in run.model_chunks:
                 chunk.zero_grad_buffer()
             run.optimizer.zero_grad()

@@ -239,6 +239,8 @@ def test_layout_without_arch_and_virtual_pp():
     ({"precision": {"fp8": "current", "params_dtype": "fp32"}, "model": {"backend": "te"}}, 1, None,
      "params_dtype='fp32'"),
     ({"parallel": {"fsdp": True, "distributed_optimizer": True}}, 1, None, "mutually exclusive"),
+    ({"parallel": {"fsdp": True}, "objective": {"reference": {"mode": "cpu_swap"}}}, 1, None,
+     "'cpu_swap' swaps whole weights"),
     ({"lora": {"rank": -1}}, 1, None, "lora.rank must be >= 0"),
     ({"lora": {"rank": 4, "alpha": 0}}, 1, None, "lora.alpha must be > 0"),
     ({"objective": {"reference": {"mode": "lora_base"}}}, 1, None, "needs LoRA (lora.rank > 0), got rank=0"),

@@ -39,6 +39,18 @@ def test_patches_active_on_cpu_after_init(pg):
     assert state_dict_saver.torch.float32 is torch.float32  # everything else is the real torch
 
 
+def test_distributed_optimizer_state_gather_stays_on_cpu(pg):
+    # DistributedOptimizer.get_parameter_state_dp_zero (a fully_reshardable checkpoint save) calls
+    # send_tensor.cuda(): on CPU the call is rewritten to the lens's device, the CPU; tests/distributed/
+    # test_dist_optimizer_ckpt.py saves and resumes through it
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    assert any("get_parameter_state_dp_zero" in a for a in cpu_compat.active()), cpu_compat.active()
+    gather = DistributedOptimizer.get_parameter_state_dp_zero
+    assert gather in cpu_compat._RECOMPILED
+    assert gather.__globals__["torch"].cuda.current_device() == "cpu"
+
+
 # Pretend to be a GPU machine, import everything apply() could touch, snapshot it, apply, compare by identity.
 _GPU_PROBE = textwrap.dedent("""
     import importlib, sys

@@ -13,8 +13,7 @@ from megatron_regdpo.models.wan.arch import SIZES
 
 RECIPE = "recipes/wan1.3b/regdpo_t2v_h100x8.yaml"   # the 1.3B recipe: 480p, 81 frames, full recompute
 # every step (d)/(e) config: one pair on one device, local layers (Transformer Engine cannot travel)
-ONE_PAIR = ("model.backend=local", "data.global_batch_pairs=1", "data.micro_batch_pairs=1",
-            "parallel.distributed_optimizer=false")
+ONE_PAIR = ("model.backend=local", "data.global_batch_pairs=1", "data.micro_batch_pairs=1")
 
 
 @dataclass(frozen=True)

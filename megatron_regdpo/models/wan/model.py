@@ -53,8 +53,11 @@ class WanModel(MegatronModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(CONDITION_INIT_SEED)
             self.condition = ConditionEmbedder(arch)
+        first_stage = torch.distributed.get_rank(pg_collection.pp) == 0
         for p in self.condition.parameters():
             setattr(p, "pipeline_parallel", True)
+            # one copy counts in the gradient norm: megatron-core leaves `shared` parameters out of it
+            setattr(p, "shared", not first_stage)
         config.has_cond_embedder = True  # read by megatron-core's finalize_model_grads
         self.rope = Rope3D(arch)
         self.recompute_full = bool(layer_spec.params.get("recompute_full"))

@@ -100,3 +100,48 @@ def test_a_refused_state_says_what_changed():
     with pytest.raises(ValueError, match="does not record how many then"):
         PairSampler(SHAPES[::-1], 2, 0, 2, seed=7).load_state_dict(old)
     PairSampler(SHAPES, 2, 0, 2, seed=7).load_state_dict(old)                   # and still resumes its own list
+
+
+def _global_steps(ranks: list[PairSampler], steps: int) -> list[list[int]]:
+    """`steps` global batches drawn by all data-parallel ranks together (each rank's slice, in rank order),
+    epoch after epoch as the trainer draws them."""
+    def endless(sampler):
+        while True:
+            yield from sampler
+
+    iters = [endless(s) for s in ranks]
+    return [[i for it in iters for i in next(it)] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("mode", ["drop", "repeat"])
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 4), (4, 2)])
+def test_another_data_parallel_size_continues_the_same_global_batches(mode, before, after):
+    """The global batches depend on (seed, epoch, global batch) only and the state is a global step: a resume
+    at another DP size with the same global batch repeats and skips no pair, mid-epoch and across epochs."""
+    total = PairSampler(SHAPES, 4, 0, 1, seed=7, small_buckets=mode).steps_per_epoch() * 2   # two epochs
+    def ranks(dp):
+        return [PairSampler(SHAPES, 4 // dp, r, dp, seed=7, small_buckets=mode) for r in range(dp)]
+
+    reference = _global_steps(ranks(1), total)
+    for cut in (3, total // 2):   # mid-epoch, and (steps_per_epoch) an epoch boundary
+        first = ranks(before)
+        taken = _global_steps(first, cut)
+        states = [s.state_dict() for s in first]
+        assert all(s == states[0] for s in states) and states[0]["global_batch"] == 4
+        resumed = ranks(after)
+        for s in resumed:
+            s.load_state_dict(states[0])
+        assert taken + _global_steps(resumed, total - cut) == reference
+
+
+def test_another_global_batch_is_refused_and_old_states_load():
+    from megatron_regdpo.data.sampler import GlobalBatchChanged
+
+    run = PairSampler(SHAPES, 2, 0, 2, seed=7)
+    next(iter(run))
+    state = run.state_dict()
+    with pytest.raises(GlobalBatchChanged, match="global batches of 4 pairs, this run's global batch is 2 pairs"):
+        PairSampler(SHAPES, 1, 0, 2, seed=7).load_state_dict(state)
+    assert issubclass(GlobalBatchChanged, ValueError)
+    old = {k: v for k, v in state.items() if k != "global_batch"}   # written before the global batch was kept
+    PairSampler(SHAPES, 4, 0, 1, seed=7).load_state_dict(old)

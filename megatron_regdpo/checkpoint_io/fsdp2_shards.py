@@ -38,20 +38,53 @@ def narrow_to_local(sh: ShardedTensor, data: DTensor, local_data: torch.Tensor |
     offset[sh.prepend_axis_num + dim] += start
     replica = sh.replica_id
     replica = (*replica[:-1], 0) if isinstance(replica, tuple) else 0
+    # megatron stores irregular pieces as plain chunks of the global tensor: the prepended axes (a layer's
+    # index in the stacked `decoder.layers.*` tensors) become leading axes of size 1 of the piece itself
+    piece = piece.reshape((1,) * sh.prepend_axis_num + tuple(piece.shape))
     return dataclasses.replace(sh, data=piece, local_shape=tuple(piece.shape), global_offset=tuple(offset),
-                               axis_fragmentations=None, replica_id=replica, dtype=piece.dtype)
+                               axis_fragmentations=None, replica_id=replica, dtype=piece.dtype, prepend_axis_num=0)
 
 
-def local_shards(sharded_state: dict, mesh=None) -> dict:
-    """The model's sharded state dict with every DTensor-backed ShardedTensor narrowed to its local shard."""
-    out = {}
-    for name, sh in sharded_state.items():
-        if isinstance(sh, ShardedTensor) and isinstance(sh.data, DTensor):
-            narrowed = narrow_to_local(sh, sh.data)
+GEOMETRY = "_fsdp2_checkpoint_geometry"
+
+
+def record_geometry(module: torch.nn.Module) -> None:
+    """Remember the module's checkpoint description (keys, global shapes, TP offsets, replica ids) while its
+    parameters are still plain tensors: call before `fully_shard`. (megatron-core's own FSDP2 branch in its
+    sharded-tensor helpers assumes even shards and gathers whole tensors for small dims; the description of
+    the TP shard, narrowed here, holds for any shard.)"""
+    setattr(module, GEOMETRY, {name: sh.without_data() for name, sh in module.sharded_state_dict().items()})
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are FSDP2 shards (DTensors)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def geometry(module: torch.nn.Module) -> dict:
+    if not hasattr(module, GEOMETRY):
+        raise RuntimeError("an FSDP2 module without a recorded checkpoint geometry: call record_geometry(module) "
+                           "before fully_shard")
+    return getattr(module, GEOMETRY)
+
+
+def local_shards(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """The FSDP2 module's sharded state dict: each parameter narrowed to this rank's shard (an empty shard
+    is left out), in `dtype` when given (fp32 master shards are saved as the model's 16-bit weights, as
+    megatron-core's mixed-precision optimizer saves them), extra state as the owning module has it now."""
+    params, out = dict(module.named_parameters()), {}
+    for name, sh in geometry(module).items():
+        if isinstance(sh, ShardedTensor):
+            p = params[name]
+            cast = dtype is not None and p.dtype != dtype
+            narrowed = narrow_to_local(sh, p, local_data=p.to_local().to(dtype) if cast else None)
             if narrowed is not None:
                 out[name] = narrowed
+        elif name.endswith("._extra_state"):
+            owner = module.get_submodule(name[:-len("._extra_state")])
+            out[name] = dataclasses.replace(sh, data=owner.get_extra_state())
         else:
-            out[name] = sh
+            raise ValueError(f"{name}: unexpected {type(sh).__name__} in an FSDP2 module's checkpoint description")
     return out
 
 
@@ -68,4 +101,4 @@ def copy_into_shards(module: torch.nn.Module, loaded: dict) -> None:
                 continue
             if name not in loaded:
                 raise KeyError(f"checkpoint has no value for {name}")
-            target.copy_(loaded[name])
+            target.copy_(loaded[name].reshape(target.shape))
