@@ -43,6 +43,11 @@ def leaves(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def is_distributed(leaf) -> bool:
+    """megatron-core's DistributedOptimizer (its checkpoints hold its own layout)."""
+    return _reshardable(leaf)
+
+
 def _reshardable(leaf) -> bool:
     """megatron's DistributedOptimizer (any version that names its reshardable formats)."""
     return SHARDING_TYPE in getattr(leaf, "checkpoint_fully_reshardable_formats", ())

@@ -8,7 +8,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import clip_grads  # looked up at call time: cpu_compat may rebind it
 
-from .dist_optimizer_state import leaves, sharded_state_kwargs, torch_adam_checkpoint_fixes
+from .dist_optimizer_state import is_distributed, leaves, sharded_state_kwargs, torch_adam_checkpoint_fixes
 
 
 def build_optimizer(optim, parallel, params_dtype: torch.dtype, model_chunks: list, pg_collection):
@@ -38,8 +38,24 @@ def optimizer_checkpoint_state(optimizer, model_sharded_state: dict, is_loading:
 
 def load_optimizer_checkpoint_state(optimizer, loaded: dict) -> None:
     """`loaded`: what dist_checkpointing read for `optimizer_checkpoint_state(..., is_loading=True)`."""
+    _hyperparameters_of_this_run(optimizer, loaded)
     with torch_adam_checkpoint_fixes(optimizer):
         optimizer.load_state_dict(loaded)
+
+
+def _hyperparameters_of_this_run(optimizer, loaded: dict) -> None:
+    """State from the checkpoint, hyperparameters from the recipe: the saved parameter groups of a
+    (non-distributed) megatron-core optimizer are replaced by this run's. megatron matches saved groups to
+    its own by hyperparameter keys that change between versions (0.19 adds max_lr, min_lr, start_wd, ...)
+    and that a checkpoint written with FSDP2 does not hold; lr and weight decay are set every step anyway."""
+    (leaf, *more) = leaves(optimizer)
+    holder = loaded.get("optimizer", loaded) if isinstance(loaded, dict) else None
+    saved = holder.get("param_groups") if isinstance(holder, dict) else None
+    current = getattr(leaf, "param_groups", None)
+    if more or is_distributed(leaf) or not isinstance(saved, list) or current is None or len(saved) != len(current):
+        return
+    holder["param_groups"] = [{**{k: v for k, v in mine.items() if k != "params"},
+                               "params": theirs.get("params", mine["params"])} for mine, theirs in zip(current, saved)]
 
 
 def lr_at(step: int, optim, schedule) -> float:
