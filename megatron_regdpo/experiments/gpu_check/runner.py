@@ -41,7 +41,7 @@ STEPS = (
 NOT_CHECKED = (
     "Transformer Engine (the `te` spec, FP8): its 276 MB wheel cannot travel; tests/gpu/test_te_backend.py skips",
     "DALI/NVDEC decoding: its 199 MB wheel cannot travel",
-    "Megatron-FSDP and every multi-GPU layout: one GPU",
+    "every multi-GPU layout (FSDP2, TP/SP, CP, PP over NCCL): one GPU; FSDP2 runs its one-GPU step in (d)",
 )
 MIN_STEP_S = 3.0
 

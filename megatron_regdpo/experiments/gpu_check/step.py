@@ -11,8 +11,9 @@ megatron-core's schedule, the update), with the weights filled on the device (we
 - peak: the allocator's peak over the step (torch.cuda.max_memory_allocated from the step's start) against
   plan() of the same config (plans.py, computed beside the runs with CUDA hidden). On the CPU the
   allocator has no peak counter: the tracker's peak stands in (`measured_by`).
-Configs: a warm-up (untimed figures, small clip), the two headline configs at 81 frames, and a recompute
-sweep (none / selective / full) at a frame count where no recompute still fits.
+Configs: a warm-up (untimed figures, small clip), the headline configs at 81 frames (LoRA, full fine-tuning,
+and full fine-tuning with FSDP2 over the one GPU: its fp32 master shards, gathers and reduce-scatters, against
+the DDP row), and a recompute sweep (none / selective / full) at a frame count where no recompute still fits.
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ from .weights import randomize_linears_
 
 GiB = 2**30
 LORA = ("lora.rank=16", "objective.reference.mode=lora_base")
+FULL_FT = ("lora.rank=0", "objective.reference.mode=resident", "model.recompute=full")
 MAIN = (("lora16_full", "LoRA r16, lora_base reference, full recompute", (*LORA, "model.recompute=full")),
-        ("fullft_full", "full fine-tuning, resident reference, full recompute",
-         ("lora.rank=0", "objective.reference.mode=resident", "model.recompute=full")))
+        ("fullft_full", "full fine-tuning, resident reference, full recompute", FULL_FT),
+        ("fsdp2_fullft_full", "FSDP2 (one GPU), full fine-tuning, resident reference sharded, full recompute",
+         (*FULL_FT, "parallel.fsdp=true")))
 SWEEP = tuple((f"sweep_{r}", f"LoRA r16, lora_base, recompute {r}", (*LORA, f"model.recompute={r}"))
               for r in ("none", "selective", "full"))
 
