@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_regdpo.training.startup import hide_known_warnings  # imports no torch
+
 
 def main(argv=None) -> int:
+    hide_known_warnings()  # before megatron-core is imported: it warns on import
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="diffusers folder -> Megatron distributed checkpoint")

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
+
+from megatron_regdpo.training.startup import hide_known_warnings  # imports no torch
 
 
 def parse_args(argv=None):
@@ -85,7 +86,7 @@ def import_(args, store) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    hide_known_warnings()  # before megatron-core is imported: it warns on import
     from megatron_regdpo.data.progress import quiet_library_logs
     from megatron_regdpo.data.store import GTPairStore
 

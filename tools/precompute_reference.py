@@ -17,8 +17,11 @@ import importlib
 import sys
 from pathlib import Path
 
+from megatron_regdpo.training.startup import hide_known_warnings  # imports no torch
+
 
 def main(argv=None) -> int:
+    hide_known_warnings()  # before megatron-core is imported: it warns on import
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="base model distributed checkpoint")
     ap.add_argument("--pairs", required=True, help="pair bundle file (or the --pair-reader's argument)")

@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from megatron_regdpo.training.startup import hide_known_warnings  # imports no torch
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +70,7 @@ def model_paths(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    hide_known_warnings()  # before megatron-core is imported: it warns on import
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from megatron_regdpo.data.decode import DecodeOptions, parse_preference
     from megatron_regdpo.data.preprocess import PreprocessOptions, preprocess
