@@ -24,14 +24,18 @@ def _loss_and_grads(model, mb, pair_forward):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_separate_forwards_equal_joint(pg):
-    model = build_wan(ARCH, pg)
+def _micro_batch() -> dict:
     g = torch.Generator().manual_seed(3)
     x0_w, x0_l = torch.randn(2, 16, 3, 4, 8, generator=g), torch.randn(2, 16, 3, 4, 8, generator=g)
     batch = make_pair_batch(x0_w, x0_l, [7, 8], seed=1, step=0, settings=FlowMatchingSettings())
     text = torch.randn(2, 5, ARCH.text_dim, generator=g)
-    mb = {"x_t": batch.x_t_BCFHW, "timestep": batch.timestep_B, "text": torch.cat([text, text]), "image": None,
-          "target": batch.target_BCFHW, "err_ref_w": torch.full((2,), 1.1), "err_ref_l": torch.full((2,), 0.9)}
+    return {"x_t": batch.x_t_BCFHW, "timestep": batch.timestep_B, "text": torch.cat([text, text]), "image": None,
+            "target": batch.target_BCFHW, "err_ref_w": torch.full((2,), 1.1), "err_ref_l": torch.full((2,), 0.9)}
+
+
+def test_separate_forwards_equal_joint(pg):
+    model = build_wan(ARCH, pg)
+    mb = _micro_batch()
     loss_j, grads_j = _loss_and_grads(model, mb, "joint")
     loss_s, grads_s = _loss_and_grads(model, mb, "separate")
     torch.testing.assert_close(loss_s, loss_j, rtol=1e-6, atol=1e-7)
@@ -58,12 +62,7 @@ def test_separate_forwards_under_fsdp2_equal_joint(pg):
     plain = build_wan(ARCH, pg)
     torch.manual_seed(0)
     sharded = wrap_data_parallel(build_wan(ARCH, pg), SimpleNamespace(fsdp=True, grad_reduce_in_fp32=True), pg)
-    g = torch.Generator().manual_seed(3)
-    x0_w, x0_l = torch.randn(2, 16, 3, 4, 8, generator=g), torch.randn(2, 16, 3, 4, 8, generator=g)
-    batch = make_pair_batch(x0_w, x0_l, [7, 8], seed=1, step=0, settings=FlowMatchingSettings())
-    text = torch.randn(2, 5, ARCH.text_dim, generator=g)
-    mb = {"x_t": batch.x_t_BCFHW, "timestep": batch.timestep_B, "text": torch.cat([text, text]), "image": None,
-          "target": batch.target_BCFHW, "err_ref_w": torch.full((2,), 1.1), "err_ref_l": torch.full((2,), 0.9)}
+    mb = _micro_batch()
     loss_j, grads_j = _loss_and_grads(plain, mb, "joint")
     sharded.zero_grad_buffer()
     step = make_forward_step(RegDPOSettings(500.0, "diffusion_dpo", 1.0, "dgr", 1.0), None, pair_forward="separate")
