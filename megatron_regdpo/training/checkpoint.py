@@ -39,9 +39,10 @@ from megatron_regdpo.checkpoint_io.safe_load import safe_unpickling
 from megatron_regdpo.parallel.data_parallel import unwrap
 
 from . import rng_state
-from .optimizer import load_optimizer_checkpoint_state, optimizer_checkpoint_state
+from .optimizer import load_optimizer_checkpoint_state, optimizer_checkpoint_state, optimizer_layout
 
 LATEST = "latest"
+OPTIMIZER_FILE = "optimizer.json"  # which optimizer state layout the checkpoint holds
 LEGACY_RNG = "rng_state"  # the ShardedObject key of checkpoints written before rng_state.py
 
 
@@ -82,6 +83,19 @@ def _legacy_rng(path: Path) -> torch.Tensor | None:
         return dist_checkpointing.load({"rng": wanted}, str(path))["rng"]
 
 
+def _same_optimizer_layout(path: Path, optimizer) -> None:
+    """The distributed optimizer keeps its state in a layout of its own; every other optimizer (megatron-core's,
+    FSDP2's) shares one. A checkpoint resumes with an optimizer of its layout (checkpoints written before
+    optimizer.json were per-parameter: the distributed optimizer could not be saved then)."""
+    file = path / OPTIMIZER_FILE
+    saved = json.loads(file.read_text())["layout"] if file.is_file() else "per_parameter"
+    now = optimizer_layout(optimizer)
+    if saved != now:
+        flag = "true" if saved == "distributed" else "false"
+        raise CheckpointError(path, OPTIMIZER_FILE, f"holds the {saved} optimizer's state; this run builds the "
+                              f"{now} one: resume with parallel.distributed_optimizer={flag}")
+
+
 class Checkpointer:
     """`meta` (model family, architecture, dtype) is written as model.json into every checkpoint, so
     tools/convert_checkpoint.py can export a training checkpoint directly. `pg` (the job's process groups)
@@ -117,6 +131,7 @@ class Checkpointer:
         if is_rank0():
             if self.meta is not None:
                 (partial / META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
+            (partial / OPTIMIZER_FILE).write_text(json.dumps({"layout": optimizer_layout(optimizer)}))
             write_manifest(partial)  # last: it covers every file above, so a load can check them all
             shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step replaces it
             partial.rename(final)
@@ -150,6 +165,7 @@ class Checkpointer:
         """Restore model, optimizer and this rank's RNG (rng_state.py's rule) from `path`; return the
         trainer state."""
         path = Path(path)
+        _same_optimizer_layout(path, optimizer)  # a choice of this run, not damage: no hint to go back
         try:
             if not (path / "metadata.json").is_file():
                 raise CheckpointError(path, "metadata.json", "is missing: not a complete training checkpoint")

@@ -36,6 +36,12 @@ def optimizer_checkpoint_state(optimizer, model_sharded_state: dict, is_loading:
                                             **sharded_state_kwargs(optimizer))
 
 
+def optimizer_layout(optimizer) -> str:
+    """How a checkpoint holds this optimizer's state: megatron-core's distributed optimizer has a layout of its
+    own ("distributed"); megatron's other optimizers and FSDP2's AdamW share one ("per_parameter")."""
+    return "distributed" if any(is_distributed(leaf) for leaf in leaves(optimizer)) else "per_parameter"
+
+
 def load_optimizer_checkpoint_state(optimizer, loaded: dict) -> None:
     """`loaded`: what dist_checkpointing read for `optimizer_checkpoint_state(..., is_loading=True)`."""
     _hyperparameters_of_this_run(optimizer, loaded)

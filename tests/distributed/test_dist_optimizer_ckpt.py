@@ -132,6 +132,7 @@ def runs(pg, tmp_path_factory):
     world = run_world(2, run_world_cases, {**payload, "cases": cases})
     dp1["DP2->DP1"] = _train(payload, {"load": ckpt("dp2-fp32")})
     dp1["TP2->TP1"] = _train(payload, {"load": ckpt("tp2")})
+    dp1["dp1 folder"] = str(root / "dp1")
     return dp1, world
 
 
@@ -178,3 +179,16 @@ def test_dp1_checkpoint_resumes_at_dp2(runs):
     dp1, world = runs
     for rank in range(2):
         _compare(world[rank]["DP1->DP2"], dp1["uninterrupted"], exact=False)
+
+
+def test_its_checkpoint_names_the_flag_to_resume_with(runs):
+    """The distributed optimizer's state has a layout of its own: a run without it is told which flag resumes
+    the checkpoint (one CheckpointError, nothing loaded), not megatron's KeyError about parameter groups."""
+    from _fsdp_cases import run_resume_case
+
+    from megatron_regdpo.checkpoint_io.integrity import CheckpointError
+
+    folder = runs[0]["dp1 folder"]
+    with pytest.raises(CheckpointError, match=r"optimizer.json: holds the distributed optimizer's state; .*"
+                                              r"resume with parallel.distributed_optimizer=true"):
+        run_resume_case({"resume": folder}, make_payload("t2v"))
