@@ -87,11 +87,9 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
             dp = world_size // (tp * pp * cp)
     if par.sequence_parallel and tp <= 1:
         errors.append(f"parallel.sequence_parallel requires parallel.tp > 1, got tp={tp}")
-    if vpp is not None:
-        if vpp < 1:
-            errors.append(f"parallel.virtual_pp must be >= 1, got {vpp}")
-        if pp <= 1:
-            errors.append(f"parallel.virtual_pp={vpp} requires parallel.pp > 1, got pp={pp}")
+    if vpp is not None:  # (Layout and describe() keep the interleaved split for when the trainer runs it)
+        errors.append(f"parallel.virtual_pp={vpp} is not supported: the trainer builds one model chunk per "
+                      f"pipeline stage, not the interleaved schedule's virtual stages (docs/architecture.md); unset it")
 
     # --- architecture split
     layers_per_stage: tuple[int, ...] = ()
@@ -100,9 +98,6 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
             errors.append(f"model heads {arch.num_heads} not divisible by parallel.tp={tp}")
         if arch.num_layers % pp:
             errors.append(f"model layers {arch.num_layers} not divisible by parallel.pp={pp}")
-        elif vpp is not None and vpp >= 1 and arch.num_layers % (pp * vpp):
-            errors.append(f"model layers {arch.num_layers} not divisible by parallel.pp*virtual_pp"
-                          f" = {pp * vpp} (pp={pp}, virtual_pp={vpp})")
         else:
             layers_per_stage = (arch.num_layers // pp,) * pp
 
@@ -185,6 +180,8 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
         errors.append(f"schedule.warmup_steps={sched.warmup_steps} exceeds train_steps={sched.train_steps}")
     if cfg.checkpoint.keep < 1:
         errors.append(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    if cfg.checkpoint.async_save:
+        errors.append("checkpoint.async_save=true is not supported yet: saves are synchronous (and atomic)")
 
     # --- paths: a typo'd store would otherwise pass --dry-run and fail on every rank after launch. A dry run
     # on a machine that cannot see the store says so too: data.store=null validates the layout alone there.

@@ -12,6 +12,10 @@
              the policy's activations, gradients and optimizer step come after `end_step`.
 - cached:    errors precomputed offline (tools/precompute_reference.py) and looked up by key (cache.py).
 
+Under pipeline parallelism (lora_base, resident, cpu_swap) each rank runs its stage's layers in a forward-only
+pass through the schedule (base.py `stage`, `stage_forward_step`): lora_base the policy's stage with its
+adapters off, resident and cpu_swap the frozen copy's stage (this stage's layers only, swapped in per step).
+
 The reference of DPO is the model training STARTS from. With LoRA that is always the base (adapters off),
 whatever the step. Without LoRA, copying the policy is right only before its first update: a resumed
 full fine-tuning run passes `checkpoint=` (the base model's distributed checkpoint) instead.
@@ -38,10 +42,14 @@ class LoraBaseReference(ReferenceErrors):
         if not has_lora(self.policy):
             raise ValueError("objective.reference.mode='lora_base' needs a LoRA policy (lora.rank > 0)")
         self.cp_group = cp_group
+        self.stage = policy  # as wrapped: the schedule runs the chunk the policy pass runs
 
     def _errors(self, batch: ReferenceBatch) -> torch.Tensor:
         with lora_disabled(self.policy):
             return model_errors(self.policy, batch, self.cp_group)
+
+    def stage_context(self):
+        return lora_disabled(self.policy)
 
 
 class ResidentReference(ReferenceErrors):
@@ -49,6 +57,7 @@ class ResidentReference(ReferenceErrors):
 
     def __init__(self, model: torch.nn.Module, cp_group=None):
         self.model, self.cp_group = model, cp_group
+        self.stage = model
 
     def _errors(self, batch: ReferenceBatch) -> torch.Tensor:
         return model_errors(self.model, batch, self.cp_group)
@@ -88,10 +97,17 @@ class CpuSwapReference(ResidentReference):
             self.swapped_in = False
 
     def _errors(self, batch: ReferenceBatch) -> torch.Tensor:
+        self._check_swapped_in()
+        return super()._errors(batch)
+
+    def stage_context(self):
+        self._check_swapped_in()
+        return super().stage_context()
+
+    def _check_swapped_in(self) -> None:
         if not self.swapped_in:
             raise RuntimeError("cpu_swap reference: call begin_step() before the step's reference forwards "
                                "(and end_step() after them)")
-        return super()._errors(batch)
 
 
 class CachedReference(ReferenceErrors):

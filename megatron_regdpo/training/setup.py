@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
-from megatron_regdpo.config import ConfigError, video_tokens
+from megatron_regdpo.config import ConfigError, validate, video_tokens
 from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.data.pairs import PairDataset
 from megatron_regdpo.data.sampler import GlobalBatchChanged, PairSampler
@@ -20,6 +20,7 @@ from megatron_regdpo.models.wan.flops import wan_step_flops
 from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
 from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
+from megatron_regdpo.parallel.fsdp2 import FSDP2Model
 from megatron_regdpo.reference import ReferenceBatch, build_reference
 
 from .checkpoint import Checkpointer
@@ -93,16 +94,9 @@ def build_run(cfg, pg) -> TrainingRun:
     if cfg.data.store is None:
         raise ConfigError("data.store is not set: point it at a GT-Pair store (tools/preprocess_videos.py, "
                           "tools/make_gt_pairs.py)")
-    if cfg.parallel.virtual_pp:
-        raise ConfigError(f"parallel.virtual_pp={cfg.parallel.virtual_pp}: the interleaved schedule is checked by "
-                          f"--dry-run, but the trainer builds one model chunk per stage; unset it")
-    if cfg.checkpoint.async_save:
-        raise ConfigError("checkpoint.async_save=true is not supported yet: saves are synchronous (and atomic)")
-    if cfg.parallel.pp > 1 and cfg.objective.reference.mode != "cached":
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp} needs objective.reference.mode='cached' for now "
-                          f"(the reference forward runs whole-model on each rank), got "
-                          f"{cfg.objective.reference.mode!r}")
-
+    # every refusal of the config itself is config.validate's, which the capacity planner calls too (train.main
+    # has called it already; a caller that did not gets the same one-line errors here)
+    validate(cfg, dist.get_world_size(), arch)
     # data, sampler and reference cache first: every mismatch with the recipe is found before any model is built
     if not Path(cfg.data.store).exists():  # (validate() says so first; the folder may go away in between)
         raise FileNotFoundError(f"data.store={cfg.data.store} does not exist")
@@ -148,15 +142,14 @@ def build_run(cfg, pg) -> TrainingRun:
     ddp = wrap_data_parallel(model, cfg.parallel, pg)
     optimizer = build_optimizer(cfg.optim, cfg.parallel, dtype, [ddp], pg)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    shard = None
-    if cfg.parallel.fsdp:  # a resident reference is sharded like the policy (never whole on a rank)
-        from megatron_regdpo.parallel.fsdp2 import FSDP2Model
 
-        def shard(frozen):
-            return FSDP2Model(frozen, pg, compute_dtype=dtype, grad_reduce_in_fp32=cfg.parallel.grad_reduce_in_fp32).module
+    def shard(frozen):  # a resident reference is sharded like the policy (never whole on a rank)
+        return FSDP2Model(frozen, pg, compute_dtype=dtype, grad_reduce_in_fp32=cfg.parallel.grad_reduce_in_fp32).module
+
     reference = build_reference(
         cfg.objective.reference.mode, ddp, build_model=lambda: build_base(init=False), checkpoint=cfg.checkpoint.load,
-        cp_group=pg.cp, cache_path=cache_path, expect={"seed": cfg.run.seed, "flow_matching": fm}, shard=shard)
+        cp_group=pg.cp, cache_path=cache_path, expect={"seed": cfg.run.seed, "flow_matching": fm},
+        shard=shard if cfg.parallel.fsdp else None)
     tokens, latent = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
     step_flops = wan_step_flops(arch, latent, cfg.data.text_len, pairs=cfg.data.global_batch_pairs,
                                 reference_forward=cfg.objective.reference.mode != "cached",

@@ -11,6 +11,7 @@ by the CP size, and DDP averages over DP x CP, which makes the step's loss the m
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from megatron_regdpo.objectives.per_sample import per_sample_sq_err
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings, reg_dpo_loss, reg_dpo_metrics
 from megatron_regdpo.parallel.data_parallel import unwrap
+from megatron_regdpo.parallel.pipeline import forward_backward
 
 
 def make_forward_step(settings: RegDPOSettings, cp_group, on_metrics: Callable[[dict], None] | None = None,
@@ -56,8 +58,25 @@ def make_forward_step(settings: RegDPOSettings, cp_group, on_metrics: Callable[[
 
 def reference_pass(reference, mbs: list[dict], batch_of: Callable[[dict], object]) -> None:
     """Fill err_ref_w / err_ref_l of every micro-batch (no graph), bracketed by the reference's
-    begin_step/end_step (cpu_swap copies its weights in once for all of them)."""
+    begin_step/end_step (cpu_swap copies its weights in once for all of them).
+
+    A pipeline stage of a model-based reference (reference.pipelined()) runs its layers in a forward-only
+    pass through megatron-core's schedule; only the last stage ends with the errors (and only it reads them,
+    in the policy pass's loss). Without pipeline parallelism each micro-batch is one call."""
     reference.begin_step()
-    for mb in mbs:
-        mb["err_ref_w"], mb["err_ref_l"] = reference(batch_of(mb))
+    # (a reference without `pipelined`, e.g. a stand-in for the cache, is whole on every rank)
+    if getattr(reference, "pipelined", lambda: False)():
+        errors: list = []
+        x_t = batch_of(mbs[0]).x_t
+        tokens = math.prod(unwrap(reference.stage).token_grid(x_t.shape))
+        with torch.no_grad(), reference.stage_context():
+            forward_backward([reference.stage], reference.stage_forward_step(batch_of, errors), iter(mbs),
+                             num_microbatches=len(mbs), tokens=tokens, micro_batch_size=x_t.shape[0],
+                             pg_collection=None, forward_only=True)
+        assert len(errors) in (0, len(mbs)), (len(errors), len(mbs))  # the last stage has one per micro-batch
+        for mb, (err_w, err_l) in zip(mbs, errors):
+            mb["err_ref_w"], mb["err_ref_l"] = err_w, err_l
+    else:
+        for mb in mbs:
+            mb["err_ref_w"], mb["err_ref_l"] = reference(batch_of(mb))
     reference.end_step()

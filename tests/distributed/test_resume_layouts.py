@@ -12,7 +12,6 @@ The world-1 runs use this process (the session's one-rank world); all 2-rank run
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from _harness import run_world
+from _stores import make_store, save_base
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,35 +29,15 @@ RTOL = 1e-5
 SAVED = 2           # every run saves at this step, and the resumes train the next two
 STEPS = (SAVED + 1, SAVED + 2)   # compared: the first after the resume, and one that needs the Adam moments
 SEED = 1234         # the recipe's run.seed
-ATTRS = {"task": "t2v", "fps": 16, "frames": 9, "short_side": 64, "bucket": "1:1", "latent_dtype": "bf16",
-         "text_len": 16, "text_encoder": {"dim": 32}}
 KEYS = ("loss/total", "optim/grad_norm")
-
-
-def _make_store(path: Path, pairs: int) -> Path:
-    """`pairs` GT pairs of the recipe's latent shape, random latents (no video is decoded)."""
-    from megatron_regdpo.data.store import GTPairStore
-
-    store = GTPairStore.open_or_create(path, ATTRS)
-    for i in range(pairs):
-        store.write_text(f"p{i}", torch.randn(16, 32), torch.arange(16) < 4, f"c{i}")
-        store.write_real(f"r{i}", torch.randn(16, 3, 8, 8), {"prompt_id": f"p{i}"})
-        store.write_generated(f"r{i}.g", torch.randn(16, 3, 8, 8), {"real_id": f"r{i}", "generator": "g", "k": 0})
-    store.finalize()
-    return path
 
 
 def _cached_store(root: Path, pg) -> tuple[Path, Path]:
     """A store with a reference cache (PP needs objective.reference.mode=cached) and its base checkpoint."""
-    from megatron_regdpo.checkpoint_io.megatron_ckpt import save_model
-    from megatron_regdpo.models.wan.arch import SIZES
-    from megatron_regdpo.models.wan.build import build_wan
     from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
     from megatron_regdpo.reference import checkpoint_fingerprint, write_reference_cache
 
-    base, store = root / "base", _make_store(root / "cached.zarr", 4)
-    save_model(build_wan(SIZES["debug"], pg), base, {"family": "wan2.1", "arch": dataclasses.asdict(SIZES["debug"]),
-                                                     "dtype": "torch.float32"})
+    base, store = save_base(root / "base", pg), make_store(root / "cached.zarr", 4)
     ids, draws = [i for i in range(4) for _ in range(2)], [d for _ in range(4) for d in range(2)]
     write_reference_cache(store / "reference_cache", ids, draws, [2.0] * 8, [2.1] * 8, seed=SEED, step=0,
                           flow_matching=FlowMatchingSettings(shift=5.0),
@@ -184,7 +164,7 @@ def runs(pg, tmp_path_factory):
     from megatron_regdpo.train import main
 
     root = tmp_path_factory.mktemp("layouts")
-    store = _make_store(root / "pairs.zarr", 6)   # DP2 saves mid-epoch (3 global batches)
+    store = make_store(root / "pairs.zarr", 6)   # DP2 saves mid-epoch (3 global batches)
     cached, base = _cached_store(root, pg)
     cache = (f"checkpoint.load={base}", "objective.reference.mode=cached")
     o = {name: root / name for name in ("one", "dp1", "tp2", "dp2", "pp2", "cp2", "tp2_cached", "tp2_again",

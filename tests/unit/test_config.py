@@ -214,10 +214,36 @@ def test_valid_64_rank_layout():
     assert "TP=2 PP=2 CP=4 DP=4 (world 64)" in text and "stage 1: layers 20-39" in text
 
 
-def test_layout_without_arch_and_virtual_pp():
+def test_layout_without_arch_and_interleaved_description():
     assert validate(make(), 1).layers_per_stage == ()
-    layout = validate(make(parallel={"pp": 2, "virtual_pp": 2}), 2, arch(layers=8, heads=4))
+    # the trainer refuses parallel.virtual_pp (validate says so); the layout still describes interleaving
+    layout = dataclasses.replace(validate(make(parallel={"pp": 2}), 2, arch(layers=8, heads=4)), virtual_pp=2)
     assert "stage 0: layers 0-1, 4-5" in layout.describe()
+
+
+@pytest.mark.parametrize("mode,extra", [("lora_base", {"lora": {"rank": 4}}), ("resident", {}), ("cpu_swap", {}),
+                                        ("cached", {})])
+def test_every_reference_mode_runs_under_pipeline_parallelism(mode, extra):
+    cfg = make(parallel={"pp": 2, "tp": 2}, objective={"reference": {"mode": mode}}, **extra)
+    assert validate(cfg, 8, arch(layers=8, heads=4)).pp == 2
+
+
+def test_the_trainer_and_the_planner_refuse_what_validate_refuses(tmp_path, capsys):
+    """One list of refusals: train.py (dry run and start-up) and the capacity planner both go through it."""
+    from megatron_regdpo.capacity.simulate import simulate_step
+    from megatron_regdpo.train import main
+
+    path = write(tmp_path / "r.yaml", "run: {name: r}\nmodel: {size: debug}\n")
+    for overrides in (["parallel.pp=2", "parallel.virtual_pp=2"], ["checkpoint.async_save=true"]):
+        world = "2" if "parallel.pp=2" in overrides else "1"
+        capsys.readouterr()
+        assert main(["--config", str(path), "--dry-run", "--world-size", world, *overrides]) == 2
+        assert main(["--config", str(path), "--world-size", world, *overrides]) == 2  # start-up, before any group
+        err = capsys.readouterr().err
+        said = [line for line in err.splitlines() if line.startswith("invalid config:")]
+        assert len(said) == 2 and all("not supported" in line for line in said), err  # one line each
+        with pytest.raises(ConfigError, match="not supported"):
+            simulate_step(with_overrides(load_config(path), overrides), int(world))
 
 
 @pytest.mark.parametrize("sections,world,arch_kw,needle", [
@@ -225,8 +251,10 @@ def test_layout_without_arch_and_virtual_pp():
     ({"parallel": {"tp": 0}}, 1, None, "parallel.tp must be >= 1, got 0"),
     ({"parallel": {"tp": 5}}, 5, {"heads": 12}, "model heads 12 not divisible by parallel.tp=5"),
     ({"parallel": {"pp": 3}}, 3, {"layers": 40}, "model layers 40 not divisible by parallel.pp=3"),
-    ({"parallel": {"pp": 2, "virtual_pp": 3}}, 2, {"layers": 40}, "pp*virtual_pp = 6"),
-    ({"parallel": {"virtual_pp": 2}}, 1, None, "virtual_pp=2 requires parallel.pp > 1"),
+    ({"parallel": {"pp": 2, "virtual_pp": 3}}, 2, {"layers": 40}, "parallel.virtual_pp=3 is not supported: the "
+     "trainer builds one model chunk per pipeline stage"),
+    ({"parallel": {"virtual_pp": 2}}, 1, None, "parallel.virtual_pp=2 is not supported"),
+    ({"checkpoint": {"async_save": True}}, 1, None, "checkpoint.async_save=true is not supported yet"),
     ({"data": {"frames": 80}}, 1, None, "data.frames=80 must be 4k+1"),
     ({"data": {"height": 488}}, 1, None, "data.height=488 must be a positive multiple of 16"),
     ({"parallel": {"cp": 16}, "data": {"global_batch_pairs": 16}}, 16, None,

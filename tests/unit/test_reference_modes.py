@@ -188,3 +188,27 @@ def test_reference_pass_brackets_cpu_swap(setup, pg):
     for mb, (want_w, want_l) in zip(mbs, setup["want"]):
         torch.testing.assert_close(mb["err_ref_w"], want_w)
         torch.testing.assert_close(mb["err_ref_l"], want_l)
+
+
+@pytest.mark.parametrize("mode", ["lora_base", "resident", "cpu_swap"])
+def test_pass_through_the_schedule_gives_the_calls_errors(mode, setup, pg, monkeypatch):
+    """The pipelined reference pass (a forward-only pass of the reference's stage through megatron-core's
+    schedule, as under pipeline parallelism; here the one-stage schedule) hands each micro-batch, in order,
+    bitwise the errors a call computes. tests/distributed/test_pipeline_references.py runs it at PP2."""
+    from megatron_regdpo.training.step import reference_pass
+
+    ref = _build(mode, setup, pg)
+    assert not ref.pipelined() and ref.stage is not None  # the whole model on this rank: one call per micro-batch
+    monkeypatch.setattr(ref, "pipelined", lambda: True)
+    mbs = [{"batch": b} for b in _batches()]
+    reference_pass(ref, mbs, lambda mb: mb["batch"])
+    for mb, (want_w, want_l) in zip(mbs, setup["want"]):
+        assert torch.equal(mb["err_ref_w"], want_w) and torch.equal(mb["err_ref_l"], want_l), mode
+        assert mb["err_ref_w"].grad_fn is None
+    if mode == "lora_base":  # the adapters are back on after the pass
+        assert all(m.lora_enabled for _, m in lora_modules(setup["policy"]))
+    if mode == "cpu_swap":
+        assert not ref.swapped_in
+        with pytest.raises(RuntimeError, match="begin_step"):
+            ref.stage_context()
+    assert not _build("cached", setup, pg).pipelined()  # looked up on every rank, whatever the layout
