@@ -3,7 +3,10 @@
 
   # K negatives per real clip from the base model (a Megatron checkpoint, or a random debug model for tests)
   python tools/make_gt_pairs.py generate --store STORE (--ckpt DIR | --random-debug) [-k 1] [--steps 50]
-      [--solver unipc|euler] [--shift 5] [--guidance 5] [--seed 0] [--generator NAME] [--device cpu|cuda]
+      [--scheduler WAN_DIFFUSERS_DIR | scheduler_config.json] [--solver unipc|euler] [--shift 5] [--guidance 5]
+      [--no-cfg-batch] [--seed 0] [--generator NAME] [--device cpu|cuda]
+  (the negatives are what diffusers' Wan pipeline samples: give the base model's diffusers folder as
+   --scheduler to use its scheduler_config.json; --solver/--shift then override its family/shift)
   # negatives made by other generators: DIR/<generator>/<real_id>.<ext>
   python tools/make_gt_pairs.py import --store STORE --from DIR [--vae PATH] [--report FILE]
 
@@ -27,9 +30,15 @@ def parse_args(argv=None):
     src.add_argument("--random-debug", action="store_true", help="a seeded random `debug` Wan (tests, demo)")
     gen.add_argument("-k", "--negatives-per-clip", type=int, default=1)
     gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
-    gen.add_argument("--shift", type=float, default=5.0)
+    gen.add_argument("--scheduler", help="Wan diffusers folder (or its scheduler_config.json) whose scheduler "
+                     "the negatives reproduce (UniPC flow or FlowMatchEuler); default: --solver and --shift")
+    gen.add_argument("--solver", choices=("unipc", "euler"), help="UniPCMultistep (flow) or FlowMatchEulerDiscrete "
+                     "(default: the --scheduler's, else unipc)")
+    gen.add_argument("--shift", type=float, help="flow shift (default: the --scheduler's, else 5)")
     gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--cfg-batch", action=argparse.BooleanOptionalAction, default=True,
+                     help="conditional and unconditional passes as one forward of a doubled batch (same numbers; "
+                     "--no-cfg-batch: two forwards, half the activation memory)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--generator", help="name recorded in the pair index (default: base, or debug-random)")
     gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -47,12 +56,14 @@ def parse_args(argv=None):
 def generate(args, store) -> str:
     import torch
 
-    from megatron_regdpo.data.negatives import SamplerOptions, debug_arch_for, generate_negatives
+    from megatron_regdpo.data.negatives import FlowScheduler, SamplerOptions, debug_arch_for, generate_negatives
     from megatron_regdpo.models.wan.build import build_wan
     from megatron_regdpo.models.wan.convert import load_checkpoint
     from megatron_regdpo.parallel.groups import distributed_session
 
-    opts = SamplerOptions(steps=args.steps, solver=args.solver, shift=args.shift, guidance=args.guidance,
+    scheduler = FlowScheduler.read(args.scheduler, args.solver, args.shift) if args.scheduler else \
+        FlowScheduler(kind=args.solver or "unipc", shift=5.0 if args.shift is None else args.shift)
+    opts = SamplerOptions(steps=args.steps, scheduler=scheduler, guidance=args.guidance, cfg_batch=args.cfg_batch,
                           negatives_per_clip=args.negatives_per_clip, seed=args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     with distributed_session() as pg:

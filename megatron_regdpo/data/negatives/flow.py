@@ -1,128 +1,139 @@
-"""Flow-matching samplers for the negatives: Euler and a UniPC-style 2nd-order multistep, Wan's shift, CFG.
+"""Flow-matching solvers for the negatives: diffusers' FlowMatchEuler and UniPC (flow prediction), step for step.
 
-Convention (Wan2.1, rectified flow): x_sigma = (1 - sigma) x0 + sigma eps, velocity v = eps - x0, so the
-ODE is dx/dsigma = v and the data prediction is x0 = x - sigma v. The model takes timestep = 1000 sigma.
-Schedule as Wan's FlowUniPC: t from 1 - 1/1000 down to 0 in `steps` steps, sigma = shift t / (1 + (shift - 1) t).
+Convention (Wan2.1, rectified flow): x_sigma = (1 - sigma) x0 + sigma eps, the model predicts the velocity
+v = eps - x0 given timestep t (schedules.py: what the diffusers pipeline passes), the data prediction is
+x0 = x - sigma v. A schedule's sigmas end at 0 (or sigma_min), where x is the sample.
 
-UniPC (Zhao et al. 2023; diffusers' UniPCMultistepScheduler, bh2, data prediction) in the (alpha, sigma) =
-(1 - sigma, sigma) parameterisation: a predictor using the last two data predictions and a corrector that
-reuses the model output at the new point (no extra evaluation); first and last steps are first order.
+Euler: x <- x + (sigma' - sigma) v, cast to the model output's dtype after each step (as the scheduler does).
+UniPC (Zhao et al. 2023; diffusers' UniPCMultistepScheduler with predict_x0): in the (alpha, sigma) =
+(1 - sigma, sigma) parameterisation, a multistep predictor (UniP, order <= solver_order, lowered for the
+first steps and, with lower_order_final, the last) and a corrector (UniC) that refines the current sample
+with the model output just computed there (no extra evaluation). All coefficients are computed from the
+float32 sigmas with 0-dim tensor arithmetic in the scheduler's order, so our samples match the pipeline's to
+fp32 rounding (tests/unit/data/test_negatives_diffusers.py), not only to the method's accuracy.
 
 Pure torch: no model code here. Legend: any tensor shape; B batch.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from megatron_regdpo.objectives.flow_matching import shift_sigma
+from .schedules import KINDS, Schedule, shifted_sigmas  # noqa: F401  (experiments/gpu_check imports it from here)
 
-NUM_TRAIN_TIMESTEPS = 1000
-SOLVERS = ("euler", "unipc")
-
-
-def shifted_sigmas(steps: int, shift: float) -> list[float]:
-    """steps + 1 sigmas from ~1 down to exactly 0."""
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
-    if shift <= 0:
-        raise ValueError(f"shift={shift} must be positive")
-    t_max = 1.0 - 1.0 / NUM_TRAIN_TIMESTEPS
-    ts = [t_max * (1 - i / steps) for i in range(steps + 1)]
-    return [shift_sigma(t, shift) for t in ts]
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep) -> model output
 
 
-def guided(velocity: Callable, guidance: float) -> Callable:
-    """v(x, sigma) with classifier-free guidance: v_u + g (v_c - v_u); `velocity(x, sigma, cond: bool)`."""
-    if guidance == 1.0:
-        return lambda x, sigma: velocity(x, sigma, True)
+def guided(velocity: Callable, guidance: float) -> Velocity:
+    """CFG with two forwards, `velocity(x, t, cond: bool)`: v_u + g (v_c - v_u) in the model's dtype (as the
+    pipeline combines them); as the pipeline, guidance <= 1 runs the conditional forward only."""
+    if guidance <= 1.0:
+        return lambda x, t: velocity(x, t, True)
 
-    def v(x, sigma):
-        v_c, v_u = velocity(x, sigma, True), velocity(x, sigma, False)
+    def v(x, t):
+        v_c = velocity(x, t, True)
+        v_u = velocity(x, t, False)
         return v_u + guidance * (v_c - v_u)
     return v
 
 
-def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor, sigmas: list[float],
-           solver: str = "unipc") -> torch.Tensor:
-    """Integrate from `noise` at sigmas[0] to sigmas[-1] = 0; returns x0 (float32)."""
-    if solver == "euler":
-        return _euler(velocity, noise.float(), sigmas)
-    if solver == "unipc":
-        return _unipc(velocity, noise.float(), sigmas)
-    raise ValueError(f"solver {solver!r} is not one of {SOLVERS}")
+def sample(velocity: Velocity, noise: torch.Tensor, schedule: Schedule | Sequence[float],
+           solver: str | None = None) -> torch.Tensor:
+    """Integrate from `noise` at sigmas[0] to sigmas[-1]; returns the sample (float32; float64 noise stays).
+
+    `schedule` is normally FlowScheduler(...).schedule(steps); a plain list of sigmas (ending in 0) with
+    `solver` gives timesteps = 1000 sigma (custom grids, e.g. tests on an analytic ODE)."""
+    if not isinstance(schedule, Schedule):
+        schedule = Schedule.from_sigmas(schedule, solver or "unipc")
+    elif solver is not None and solver != schedule.kind:
+        raise ValueError(f"solver {solver!r} given with a {schedule.kind!r} schedule")
+    x = noise if noise.dtype == torch.float64 else noise.float()
+    if schedule.kind == "euler":
+        return _euler(velocity, x, schedule).to(x.dtype)
+    if schedule.kind == "unipc":
+        return _unipc(velocity, x, schedule)
+    raise ValueError(f"solver {schedule.kind!r} is not one of {KINDS}")
 
 
-def _euler(velocity, x, sigmas):
-    for s, s_next in zip(sigmas, sigmas[1:]):
-        x = x + (s_next - s) * velocity(x, s).float()
+def _euler(velocity, x, sch: Schedule):
+    for i, t in enumerate(sch.timesteps):
+        v = velocity(x, t)
+        x = (x.to(sch.sigmas.dtype) + (sch.sigmas[i + 1] - sch.sigmas[i]) * v).to(v.dtype)
     return x
 
 
-def _lam(sigma: float) -> float:
-    """log-SNR lambda = log(alpha / sigma), alpha = 1 - sigma."""
-    return math.log(1 - sigma) - math.log(sigma)
+def _lam(sigma: torch.Tensor) -> torch.Tensor:
+    """log-SNR lambda = log(alpha / sigma), alpha = 1 - sigma (+inf at sigma 0)."""
+    return torch.log(1 - sigma) - torch.log(sigma)
 
 
-def _coefficients(h: float, order: int) -> tuple[float, float, list[float]]:
-    """h phi_1, B(h) (bh2) and the b vector of UniPC for data prediction (hh = -h)."""
+def _coefficients(sigmas, s0: int, t: int, earlier: list[int], order: int, bh2: bool):
+    """alpha_t, sigma_t / sigma_s0, h phi_1(h), B(h), the ratios r_k of the earlier points and the b vector
+    of UniPC for data prediction stepping from sigma index s0 to t."""
+    sig_t, sig_s0 = sigmas[t], sigmas[s0]
+    lam_s0 = _lam(sig_s0)
+    h = _lam(sig_t) - lam_s0
+    rks = [(_lam(sigmas[k]) - lam_s0) / h for k in earlier]
     hh = -h
-    h_phi_1 = math.expm1(hh)
+    h_phi_1 = torch.expm1(hh)
+    b_h = torch.expm1(hh) if bh2 else hh
     h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
-    b_h = math.expm1(hh)
     for i in range(1, order + 1):
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    return h_phi_1, b_h, b
+    return 1 - sig_t, sig_t / sig_s0, h_phi_1, b_h, rks, b
 
 
-def _unipc(velocity, x, sigmas):
-    steps = len(sigmas) - 1
-    x0_preds: list[torch.Tensor] = []  # data predictions at the visited points
+def _vandermonde(rks: list, n: int) -> torch.Tensor:
+    """R[i, k] = r_k^i for the ratios (and r = 1 for the newest point), n x n."""
+    r = torch.stack([*rks, torch.ones((), dtype=rks[0].dtype if rks else torch.float32)])[:n]
+    return torch.stack([torch.pow(r, i) for i in range(n)])
+
+
+def _unipc(velocity, x, sch: Schedule):
+    opts, sig = sch.unipc, sch.sigmas
+    bh2 = opts.solver_type == "bh2"
+    preds: list[torch.Tensor] = []   # data predictions at the last solver_order points, newest last
     last_x, last_order = None, 0
-    for i in range(steps):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        m_t = x - s * velocity(x, s).float()
-        if last_x is not None:  # UniC: correct x with the model output at x itself
-            x = _corrector(last_x, x0_preds, m_t, sigmas[i - 1], s, sigmas[i - 2] if i >= 2 else None, last_order)
-        x0_preds = (x0_preds + [m_t])[-2:]
-        order = 1 if (i == 0 or i == steps - 1) else 2  # warm-up and lower-order final step
+    for i, t in enumerate(sch.timesteps):
+        m_t = x - sig[i] * velocity(x, t)
+        if last_x is not None and (i - 1) not in opts.disable_corrector:  # UniC at point i
+            x = _corrector(sig, i, last_x, preds, m_t, last_order, bh2)
+        preds = (preds + [m_t])[-opts.solver_order:]
+        order = min(opts.solver_order, sch.steps - i) if opts.lower_order_final else opts.solver_order
+        order = min(order, len(preds))  # warm-up: as many points as there are
         last_x, last_order = x, order
-        if s_next == 0:  # the last step lands on the data prediction
-            x = m_t
-            continue
-        x = _predictor(x, x0_preds, s, s_next, sigmas[i - 1] if order == 2 else None)
+        x = _predictor(sig, i, x, preds, order, bh2)
     return x
 
 
-def _predictor(x, preds, s0, t, s_prev):
-    """UniP: from x at s0 (data predictions preds[-1] at s0, preds[-2] at s_prev) to sigma t."""
-    h = _lam(t) - _lam(s0)
-    h_phi_1, b_h, _ = _coefficients(h, 2 if s_prev is not None else 1)
-    alpha_t = 1 - t
-    x_t = (t / s0) * x - alpha_t * h_phi_1 * preds[-1]
-    if s_prev is not None:
-        rk = (_lam(s_prev) - _lam(s0)) / h
-        d1 = (preds[-2] - preds[-1]) / rk
-        x_t = x_t - alpha_t * b_h * 0.5 * d1
-    return x_t
-
-
-def _corrector(last_x, preds, m_t, s0, t, s_prev, order):
-    """UniC of order `order` at sigma t, stepping again from last_x at s0 with the new output m_t."""
+def _predictor(sig, i, x, preds, order, bh2):
+    """UniP: from x at sigma index i to i + 1 with the last `order` data predictions."""
+    earlier = [i - k for k in range(1, order)]
+    alpha_t, ratio, h_phi_1, b_h, rks, b = _coefficients(sig, i, i + 1, earlier, order, bh2)
     m0 = preds[-1]
-    h = _lam(t) - _lam(s0)
-    h_phi_1, b_h, b = _coefficients(h, order)
-    alpha_t = 1 - t
-    x_t = (t / s0) * last_x - alpha_t * h_phi_1 * m0
-    d1_t = m_t - m0
+    x_t = ratio * x - alpha_t * h_phi_1 * m0
     if order == 1:
-        return x_t - alpha_t * b_h * 0.5 * d1_t
-    rk = (_lam(s_prev) - _lam(s0)) / h
-    d1 = (preds[-2] - m0) / rk
-    rhos = torch.linalg.solve(torch.tensor([[1.0, 1.0], [rk, 1.0]], dtype=torch.float64),
-                              torch.tensor(b, dtype=torch.float64)).tolist()
-    return x_t - alpha_t * b_h * (rhos[0] * d1 + rhos[1] * d1_t)
+        return x_t.to(x.dtype)
+    d1s = [(preds[-(k + 1)] - m0) / rk for k, rk in enumerate(rks, start=1)]
+    rhos = [torch.ones((), dtype=x.dtype) * 0.5] if order == 2 else \
+        torch.linalg.solve(_vandermonde(rks, order)[:-1, :-1], torch.stack(b)[:-1]).to(x.dtype).unbind()
+    res = sum(rho * d for rho, d in zip(rhos, d1s))
+    return (x_t - alpha_t * b_h * res).to(x.dtype)
+
+
+def _corrector(sig, i, last_x, preds, m_t, order, bh2):
+    """UniC of `order` at sigma index i: step again from last_x at i - 1 using m_t, the output at i."""
+    earlier = [i - 1 - k for k in range(1, order)]
+    alpha_t, ratio, h_phi_1, b_h, rks, b = _coefficients(sig, i - 1, i, earlier, order, bh2)
+    m0 = preds[-1]
+    x_t = ratio * last_x - alpha_t * h_phi_1 * m0
+    if order == 1:
+        rhos = [torch.ones((), dtype=last_x.dtype) * 0.5]
+    else:
+        rhos = torch.linalg.solve(_vandermonde(rks, order), torch.stack(b)).to(last_x.dtype).unbind()
+    d1s = [(preds[-(k + 1)] - m0) / rk for k, rk in enumerate(rks, start=1)]
+    res = sum(rho * d for rho, d in zip(rhos[:-1], d1s)) if d1s else 0
+    return (x_t - alpha_t * b_h * (res + rhos[-1] * (m_t - m0))).to(last_x.dtype)

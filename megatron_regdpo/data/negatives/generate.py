@@ -1,8 +1,18 @@
 """Negatives from the base model: K clips per real clip, sampled from its prompt (T2V) or prompt + first
 frame (I2V) with our Megatron Wan, latents only (nothing is decoded to pixels).
 
+They are what diffusers' WanPipeline / WanImageToVideoPipeline (output_type="latent") samples for the same
+checkpoint, noise and embeddings: the scheduler's grid and timesteps (schedules.py, from the checkpoint's
+scheduler_config.json when given), its solver step (flow.py), CFG as the pipeline combines it
+(v_u + g (v_c - v_u) in the model's dtype), the transformer fed x in its dtype with the timestep the
+scheduler holds (int64 for UniPC, float32 for Euler), and for I2V the 20 condition channels (4 first-frame
+mask channels, then the VAE latents of the first frame followed by zeros: data/encode/vae.py, as the
+pipeline's prepare_latents) concatenated after the 16 noisy ones, with the CLIP tokens as image context for
+both the conditional and the unconditional pass. With cfg_batch (default) the two passes are one forward of
+a doubled batch (same numbers, fewer launches; 2x the activation memory of one pass).
+
 Noise is keyed on (seed, real id, k), so a resumed run regenerates exactly what it would have made.
-Legend: B batch (K negatives, x2 with CFG), C latent channels, F/h/w latent frames/height/width,
+Legend: B batch (K negatives, x2 with batched CFG), C latent channels, F/h/w latent frames/height/width,
 T text tokens, E text width, I image tokens.
 """
 from __future__ import annotations
@@ -16,24 +26,30 @@ import torch
 from megatron_regdpo.data.progress import progress
 from megatron_regdpo.data.store import GTPairStore, safe_id
 
-from .flow import SOLVERS, guided, sample, shifted_sigmas
+from .flow import guided, sample
+from .schedules import FlowScheduler, Schedule
 
 
 @dataclass(frozen=True)
 class SamplerOptions:
     steps: int = 50
-    solver: str = "unipc"          # "euler" or "unipc"
-    shift: float = 5.0             # Wan2.1 T2V default (3.0 is suggested for 480p)
-    guidance: float = 5.0          # classifier-free guidance scale; 1.0 = no unconditional pass
+    solver: str = "unipc"          # "euler" or "unipc" (ignored when `scheduler` is given)
+    shift: float = 5.0             # Wan2.1 T2V default (3.0 is suggested for 480p; ignored with `scheduler`)
+    guidance: float = 5.0          # classifier-free guidance scale; <= 1 = no unconditional pass
     negatives_per_clip: int = 1    # K
     seed: int = 0
+    cfg_batch: bool = True         # conditional and unconditional passes as one forward of a doubled batch
+    scheduler: FlowScheduler | None = None  # the checkpoint's scheduler (FlowScheduler.read); decides solver/shift
 
     def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver={self.solver!r} is not one of {SOLVERS}")
         if self.steps < 1 or self.negatives_per_clip < 1:
             raise ValueError(f"steps={self.steps} and negatives_per_clip={self.negatives_per_clip} must be >= 1")
-        shifted_sigmas(self.steps, self.shift)  # validates shift
+        sched = self.scheduler or FlowScheduler(kind=self.solver, shift=self.shift)  # validates both
+        for name, value in (("scheduler", sched), ("solver", sched.kind), ("shift", sched.shift)):
+            object.__setattr__(self, name, value)
+
+    def schedule(self) -> Schedule:
+        return self.scheduler.schedule(self.steps)
 
 
 def negative_id(real_id: str, generator: str, k: int) -> str:
@@ -73,7 +89,7 @@ def generate_negatives(store: GTPairStore, model, arch, opts: SamplerOptions, ge
     check_model_fits(arch, attrs)
     model.eval()
     neg_emb_TE, _ = store.read_text(attrs["negative_prompt_id"])
-    sigmas = shifted_sigmas(opts.steps, opts.shift)
+    schedule = opts.schedule()
     made = already = 0
     start = time.monotonic()
     reals = sorted(store.records["real"].items())
@@ -88,9 +104,10 @@ def generate_negatives(store: GTPairStore, model, arch, opts: SamplerOptions, ge
         if attrs["task"] == "i2v":
             image_IE, cond_CFhw = store.read_image(real_id)
             cond = (cond_CFhw.to(device, dtype), image_IE.to(device, dtype))
-        velocity = _velocity_fn(model, text_TE.to(device, dtype), neg_emb_TE.to(device, dtype), cond, dtype)
+        velocity = guided_velocity(model, text_TE.to(device, dtype), neg_emb_TE.to(device, dtype), cond, dtype,
+                                   opts.guidance, opts.cfg_batch)
         noise_BCFhw = torch.stack([keyed_noise(rec["latent_shape"], opts.seed, real_id, k) for k in ks]).to(device)
-        x0_BCFhw = sample(guided(velocity, opts.guidance), noise_BCFhw, sigmas, opts.solver)
+        x0_BCFhw = sample(velocity, noise_BCFhw, schedule)
         for k, x0_CFhw in zip(ks, x0_BCFhw):
             store.write_generated(negative_id(real_id, generator, k), x0_CFhw,
                                   {"real_id": real_id, "generator": generator, "k": k, "sampler": asdict(opts)})
@@ -99,17 +116,35 @@ def generate_negatives(store: GTPairStore, model, arch, opts: SamplerOptions, ge
     return {"generated": made, "already": already, "seconds": round(time.monotonic() - start, 2)}
 
 
+def guided_velocity(model, text_TE, neg_TE, cond, dtype, guidance: float, cfg_batch: bool = True):
+    """velocity(x, t) with classifier-free guidance: one forward of [x; x] with [text; negative] (cfg_batch)
+    or two forwards (flow.guided); guidance <= 1 runs the conditional pass only (the pipeline's rule)."""
+    if guidance <= 1.0 or not cfg_batch:
+        return guided(_velocity_fn(model, text_TE, neg_TE, cond, dtype), guidance)
+    both = _velocity_fn(model, torch.stack([text_TE, neg_TE]), None, cond, dtype)
+
+    def velocity(x_BCFhw, t):
+        v_c, v_u = both(torch.cat([x_BCFhw, x_BCFhw]), t, True).chunk(2)
+        return v_u + guidance * (v_c - v_u)
+    return velocity
+
+
 def _velocity_fn(model, text_TE, neg_TE, cond, dtype):
-    """velocity(x, sigma, conditional) for a batch of K latents of one real clip."""
-    def velocity(x_BCFhw, sigma: float, conditional: bool) -> torch.Tensor:
+    """velocity(x, t, conditional) for a batch of latents of one real clip; `t` is the scheduler's timestep
+    (0-dim, its dtype kept: the pipeline gives the transformer t.expand(B)). A [2, T, E] `text_TE` holds
+    the conditional and the unconditional text for a batch [x; x] (neg_TE is then None)."""
+    def velocity(x_BCFhw, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         b = x_BCFhw.shape[0]
-        text_BTE = (text_TE if conditional else neg_TE).expand(b, -1, -1)
+        if text_TE.dim() == 3:  # [x; x]: the first half conditional
+            text_BTE = text_TE.repeat_interleave(b // 2, dim=0)
+        else:
+            text_BTE = (text_TE if conditional else neg_TE).expand(b, -1, -1)
         inp, image_BIE = x_BCFhw.to(dtype), None
         if cond is not None:  # I2V: 20 condition channels after the 16 noisy ones, CLIP tokens as context
             inp = torch.cat([inp, cond[0].expand(b, -1, -1, -1, -1)], dim=1)
             image_BIE = cond[1].expand(b, -1, -1)
-        timestep_B = torch.full((b,), sigma * 1000.0, device=x_BCFhw.device, dtype=dtype)
-        return model(inp, timestep_B, text_BTE, image_BIE).float()
+        timestep_B = torch.as_tensor(t, device=x_BCFhw.device).expand(b)
+        return model(inp, timestep_B, text_BTE, image_BIE)
     return velocity
 
 

@@ -2,6 +2,8 @@
 
 Data x0 ~ N(mu, s^2): the marginal at sigma is N((1-sigma) mu, std(sigma)^2), std^2 = (1-sigma)^2 s^2 + sigma^2,
 and the probability-flow ODE keeps z = (x - (1-sigma) mu) / std(sigma) fixed, so its velocity is known.
+The solvers run on the diffusers grids (schedules.py) in float64 here, the model's "timestep" being sigma.
+(Equality with diffusers' pipelines: test_negatives_diffusers.py.)
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 import pytest
 import torch
 
-from megatron_regdpo.data.negatives import guided, keyed_noise, sample, shifted_sigmas
+from megatron_regdpo.data.negatives import FlowScheduler, Schedule, guided, keyed_noise, sample, shifted_sigmas
 
 MU, S = 0.7, 0.3
 
@@ -24,11 +26,23 @@ def _velocity(x, sigma):
     return -MU + (sigma - (1 - sigma) * S * S) / _std(sigma) * z
 
 
+def _velocity_t(x, t):
+    return _velocity(x, t.item())  # these schedules give sigma itself as the timestep
+
+
+def _schedule(kind, steps, shift=1.0, drop_last=False):
+    """The diffusers grid of `kind` in float64 (timestep = sigma); without the final jump to 0 if drop_last."""
+    sig = FlowScheduler(kind=kind, shift=shift).schedule(steps).sigmas.double()
+    sig = sig[:-1] if drop_last else sig
+    return Schedule(kind, sig, sig[:-1], FlowScheduler(kind="unipc") if kind == "unipc" else None)
+
+
 def _error(solver, steps, noise):
     """Max error at the last non-zero sigma (the final jump to sigma=0 is first order by design)."""
-    sigmas = shifted_sigmas(steps, 1.0)[:-1]
-    exact = (1 - sigmas[-1]) * MU + _std(sigmas[-1]) * (noise - (1 - sigmas[0]) * MU) / _std(sigmas[0])
-    return (sample(_velocity, noise, sigmas, solver).double() - exact).abs().max().item()
+    sch = _schedule(solver, steps, drop_last=True)
+    s0, s1 = sch.sigmas[0].item(), sch.sigmas[-1].item()
+    exact = (1 - s1) * MU + _std(s1) * (noise - (1 - s0) * MU) / _std(s0)
+    return (sample(_velocity_t, noise, sch).double() - exact).abs().max().item()
 
 
 def test_shifted_sigmas():
@@ -54,15 +68,15 @@ def test_full_schedule_lands_on_the_data_distribution():
     by s (1 - sigma) / std(sigma) at the last sigma: ~1% at shift 1, ~10% at Wan's shift 5 with 30 steps."""
     noise = torch.randn(4000, generator=torch.Generator().manual_seed(1))
     for solver in ("euler", "unipc"):
-        x0 = sample(_velocity, noise, shifted_sigmas(30, 1.0), solver)
+        x0 = sample(_velocity_t, noise.double(), _schedule(solver, 30))
         assert x0.mean().item() == pytest.approx(MU, abs=0.02) and x0.std().item() == pytest.approx(S, abs=0.02)
 
 
 def test_classifier_free_guidance_combination():
-    v = guided(lambda x, s, cond: x + (1.0 if cond else 0.0), 5.0)
+    v = guided(lambda x, t, cond: x + (1.0 if cond else 0.0), 5.0)
     assert v(torch.zeros(2), 0.5).tolist() == [5.0, 5.0]      # v_u + g (v_c - v_u) = 0 + 5 * 1
     calls = []
-    no_cfg = guided(lambda x, s, cond: calls.append(cond) or x, 1.0)
+    no_cfg = guided(lambda x, t, cond: calls.append(cond) or x, 1.0)
     no_cfg(torch.zeros(1), 0.5)
     assert calls == [True]                                     # guidance 1: no unconditional pass
 
@@ -73,4 +87,4 @@ def test_keyed_noise_depends_on_seed_clip_and_index_only():
     assert not torch.equal(a, keyed_noise((2, 3), 0, "clip", 1))
     assert not torch.equal(a, keyed_noise((2, 3), 1, "clip", 0))
     with pytest.raises(ValueError, match="solver"):
-        sample(_velocity, a, [1.0, 0.0], "heun")
+        sample(_velocity_t, a, [1.0, 0.0], "heun")
