@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .schedules import KINDS, Schedule, shifted_sigmas  # noqa: F401  (experiments/gpu_check imports it from here)
+from .schedules import KINDS, Schedule
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep) -> model output
 

@@ -1,8 +1,8 @@
 """(e) Negative sampling: seconds per clip for the 1.3B model at 480p, 81 frames, 50 UniPC steps with CFG.
 
-The sampler is the one data/negatives uses (flow.py's UniPC with Wan's shifted schedule, guided() for
-classifier-free guidance: two forwards per step) driving generate.py's velocity function over our Wan in
-bf16, with random weights (weights.py) and random text embeddings: time does not depend on the values.
+The sampler is the one data/negatives uses (Wan's UniPC flow scheduler grid, schedules.py; CFG as one
+forward of a doubled batch, generate.guided_velocity, as `make_gt_pairs generate` runs it by default) over
+our Wan in bf16, with random weights (weights.py) and random text embeddings: time does not depend on the values.
 One step is run first (warm-up), then as many of the 50 as the step's time allows, timed; when that is
 fewer than 50, seconds per clip = seconds per step x 50 (`extrapolated`: the solver's own arithmetic is
 negligible beside two 1.3B forwards per step).
@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from megatron_regdpo.config import load_config, validate
-from megatron_regdpo.data.negatives.flow import guided, sample, shifted_sigmas
-from megatron_regdpo.data.negatives.generate import _velocity_fn, keyed_noise
+from megatron_regdpo.data.negatives.flow import sample
+from megatron_regdpo.data.negatives.generate import guided_velocity, keyed_noise
+from megatron_regdpo.data.negatives.schedules import FlowScheduler
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan
 from megatron_regdpo.models.wan.flops import wan_forward_flops
@@ -38,19 +39,18 @@ def run(ctx) -> dict:
         randomize_linears_(model)
         gen = torch.Generator().manual_seed(0)
         text, negative = (torch.randn(cfg.data.text_len, arch.text_dim, generator=gen).to(dev, dtype) for _ in range(2))
-        velocity = guided(_velocity_fn(model, text, negative, None, dtype), s.guidance)
+        velocity = guided_velocity(model, text, negative, None, dtype, s.guidance, cfg_batch=True)
         noise = keyed_noise((arch.out_channels, *latent), 0, "gpu_check", 0)[None].to(dev)
-        sigmas = shifted_sigmas(s.sample_steps, s.sample_shift)
-        warm_s = seconds(lambda: sample(velocity, noise, sigmas[:2], "unipc"), dev)
+        schedule = FlowScheduler(kind="unipc", shift=s.sample_shift).schedule(s.sample_steps)
+        warm_s = seconds(lambda: sample(velocity, noise, schedule.head(1)), dev)
         steps = max(1, min(s.sample_steps, int(0.8 * (ctx.time_left() - 3) / max(warm_s, 1e-3))))
-        run_s = seconds(lambda: sample(velocity, noise, sigmas[:steps + 1] if steps < s.sample_steps else sigmas,
-                                       "unipc"), dev)
+        run_s = seconds(lambda: sample(velocity, noise, schedule.head(steps)), dev)
         del model
     per_step = run_s / steps
     fwd = wan_forward_flops(arch, 1, latent, cfg.data.text_len)["total"]
     matmul = ctx.result_of("environment").get("matmul_tflops")
     out = {"arch": cfg.model.size, "latent": list(latent), "text_len": cfg.data.text_len, "dtype": "bfloat16",
-           "solver": "unipc", "guidance": s.guidance, "shift": s.sample_shift, "steps_per_clip": s.sample_steps,
+           "solver": "unipc", "cfg": "one doubled batch", "guidance": s.guidance, "shift": s.sample_shift, "steps_per_clip": s.sample_steps,
            "steps_timed": steps, "extrapolated": steps < s.sample_steps, "warmup_step_s": warm_s,
            "seconds_per_step": per_step,
            "seconds_per_clip": per_step * s.sample_steps if steps < s.sample_steps else run_s,
