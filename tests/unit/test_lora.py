@@ -211,7 +211,8 @@ KEY = re.compile(r"transformer\.blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|
 @needs_diffusers
 def test_peft_adapter_file(lora_model, tmp_path):
     """Key names, shapes and metadata as diffusers reads them; applied with PEFT's rule W + (alpha/r) B A to
-    the base diffusers model, it gives our LoRA model's output."""
+    the base diffusers model, it gives our LoRA model's output (alpha != r here: the scale is folded into B and
+    the file says lora_alpha = r, the trained alpha kept in its own metadata entry)."""
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
     from megatron_regdpo.models.wan.lora_export import ADAPTER_FILE, write_peft_adapter
@@ -220,11 +221,13 @@ def test_peft_adapter_file(lora_model, tmp_path):
     assert path.name == ADAPTER_FILE
     state, meta = WanLoraLoaderMixin.lora_state_dict(str(tmp_path / "adapter"), return_lora_metadata=True)
     assert len(state) == 2 * 10 * ARCH.num_layers and all(KEY.fullmatch(k) for k in state), sorted(state)[:4]
-    assert meta["transformer.r"] == RANK and meta["transformer.lora_alpha"] == ALPHA
+    assert ALPHA != RANK and meta["transformer.r"] == RANK and meta["transformer.lora_alpha"] == RANK
     adapted = {k[len("transformer."):].split(".lora_")[0] for k in state}
     assert sorted(meta["transformer.target_modules"]) == sorted(adapted)
     with safe_open(path, framework="pt") as f:
         assert json.loads(f.metadata()["lora_adapter_metadata"]) == meta
+        assert json.loads(f.metadata()["megatron_regdpo"]) == {"trained_rank": RANK, "trained_alpha": ALPHA,
+                                                               "scale_folded_into_lora_B": ALPHA / RANK}
     # the fused qkv's A is shared by to_q/to_k/to_v
     assert torch.equal(state["transformer.blocks.0.attn1.to_q.lora_A.weight"],
                        state["transformer.blocks.0.attn1.to_v.lora_A.weight"])
@@ -247,12 +250,20 @@ def test_peft_adapter_file(lora_model, tmp_path):
 
 @needs_diffusers
 @pytest.mark.skipif(not HAS_PEFT, reason="the 'peft' package is not installed: diffusers' load_lora_adapter needs it")
-def test_peft_adapter_loads_in_diffusers(lora_model, tmp_path):
+@pytest.mark.parametrize("how", ["folder", "file", "file_safetensors"])
+def test_peft_adapter_loads_in_diffusers(lora_model, tmp_path, how):
+    """Every way diffusers' transformer loads the file gives our output with alpha != r, including the file
+    path alone, which reads no metadata (the scale is in lora_B)."""
     from megatron_regdpo.models.wan.lora_export import ADAPTER_FILE, write_peft_adapter
 
-    write_peft_adapter(lora_model, ARCH, tmp_path / "adapter")
+    path = write_peft_adapter(lora_model, ARCH, tmp_path / "adapter")
     ref = _diffusers_base(lora_model)
-    ref.load_lora_adapter(str(tmp_path / "adapter"), weight_name=ADAPTER_FILE, prefix="transformer")
+    if how == "folder":
+        ref.load_lora_adapter(str(tmp_path / "adapter"), weight_name=ADAPTER_FILE, prefix="transformer")
+    elif how == "file":
+        ref.load_lora_adapter(str(path), prefix="transformer")
+    else:
+        ref.load_lora_adapter(str(path), prefix="transformer", use_safetensors=True)
     with torch.no_grad():
         ours = lora_model(*_inputs())
     assert _rel(_run_diffusers(ref), ours) < TOL
@@ -284,7 +295,8 @@ def test_i2v_adapter_names_cover_image_kv(pg):
     b_k = state["transformer.blocks.1.attn2.add_k_proj.lora_B.weight"]
     b_v = state["transformer.blocks.1.attn2.add_v_proj.lora_B.weight"]
     assert b_k.shape == b_v.shape == (arch.hidden, RANK)
-    # head h's rows of the fused B are [k_h | v_h]
-    assert torch.equal(kv.lora_B[:arch.head_dim], b_k[:arch.head_dim])
-    assert torch.equal(kv.lora_B[arch.head_dim:2 * arch.head_dim], b_v[:arch.head_dim])
+    # head h's rows of the fused B are [k_h | v_h] (alpha/r folded in)
+    b = kv.lora_B * kv.lora_scaling
+    assert torch.equal(b[:arch.head_dim], b_k[:arch.head_dim])
+    assert torch.equal(b[arch.head_dim:2 * arch.head_dim], b_v[:arch.head_dim])
     assert torch.equal(state["transformer.blocks.1.attn2.add_v_proj.lora_A.weight"], kv.lora_A)

@@ -7,7 +7,10 @@ The adapter file is what diffusers' `WanLoraLoaderMixin.save_lora_weights` write
 `pipe.load_lora_weights(dir)` / `transformer.load_lora_adapter(file, prefix="transformer")` read:
 `<dir>/pytorch_lora_weights.safetensors` with keys `transformer.blocks.{i}.attn1.to_q.lora_A.weight` and a
 `lora_adapter_metadata` JSON entry holding PEFT's LoraConfig (`transformer.r`, `transformer.lora_alpha`,
-`transformer.target_modules`), so the loader applies the scale alpha/r (without it diffusers assumes 1).
+`transformer.target_modules`). The scale alpha/r is folded into lora_B and the config says lora_alpha = r
+(scale 1): every loader then applies the same update, including `load_lora_adapter(file)`, which ignores the
+metadata and assumes scale 1 (with alpha != r an unfolded export was off by 0.8 relative there). The trained
+alpha is kept for the record in the file's `megatron_regdpo` metadata entry.
 
 Our fused projections are unfused through the conversion table: lora_A acts on the input, which q, k and v
 share, so each of diffusers' to_q/to_k/to_v gets the same A; B's rows split per head like W's
@@ -98,7 +101,8 @@ def peft_adapter_tensors(model, arch: WanArch, prefix: str = PREFIX) -> dict[str
         theirs = [t.removesuffix(".weight") for t in rule.theirs]
         # fused rows are output rows: only a column-parallel layer's B can be split per head
         assert rule.fuse is None or m.lora_kind == "column", rule
-        bs = unfuse_heads(m.lora_B, arch.num_heads, len(theirs)) if rule.fuse == "heads" else [m.lora_B]
+        b_scaled = m.lora_B * m.lora_scaling  # alpha/r folded in: the file's adapters have scale 1
+        bs = unfuse_heads(b_scaled, arch.num_heads, len(theirs)) if rule.fuse == "heads" else [b_scaled]
         for name, b in zip(theirs, bs):
             out[f"{prefix}.{name}.lora_A.weight"] = m.lora_A.detach().clone().contiguous()
             out[f"{prefix}.{name}.lora_B.weight"] = b.detach().clone().contiguous()
@@ -111,7 +115,8 @@ def peft_metadata(model, tensors: dict[str, torch.Tensor], prefix: str = PREFIX)
     """PEFT LoraConfig fields, prefixed as diffusers' save_lora_weights writes them."""
     settings = lora_meta(model)
     targets = sorted({k.removeprefix(f"{prefix}.").split(".lora_")[0] for k in tensors})
-    config = {"r": settings["rank"], "lora_alpha": settings["alpha"], "target_modules": targets}
+    # lora_alpha = r: the scale alpha/r is in lora_B (peft_adapter_tensors)
+    config = {"r": settings["rank"], "lora_alpha": settings["rank"], "target_modules": targets}
     return {f"{prefix}.{k}": v for k, v in config.items()}
 
 
@@ -125,7 +130,10 @@ def write_peft_adapter(model, arch: WanArch, out_dir: str | Path) -> Path:
     meta = peft_metadata(model, tensors)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
+    ours = {"trained_rank": lora_meta(model)["rank"], "trained_alpha": lora_meta(model)["alpha"],
+            "scale_folded_into_lora_B": lora_meta(model)["alpha"] / lora_meta(model)["rank"]}
+    save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True),
+                                           "megatron_regdpo": json.dumps(ours, sort_keys=True)})
     tmp.rename(path)
     return path
 
