@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from megatron_regdpo.training.startup import hide_known_warnings  # imports no torch
 
@@ -48,6 +49,16 @@ def _run(args, convert, pg) -> int:
             print(f"imported {args.hf} -> {args.out} ({arch.task}, {arch.num_layers} layers, hidden {arch.hidden})")
             hf_dir, ckpt_dir = args.hf, args.out
         else:
+            if args.adapter_out:  # refused before anything is written
+                from megatron_regdpo.checkpoint_io.megatron_ckpt import read_meta
+                from megatron_regdpo.models.wan.lora_export import ADAPTER_FILE
+
+                if not read_meta(args.ckpt).get("lora"):
+                    raise ValueError(f"--adapter-out: {args.ckpt} is a full fine-tune (its model.json records no "
+                                     f"LoRA adapters); export it without --adapter-out")
+                if (Path(args.adapter_out) / ADAPTER_FILE).exists():
+                    raise FileExistsError(f"--adapter-out: {Path(args.adapter_out) / ADAPTER_FILE} exists; "
+                                          f"refusing to overwrite it")
             paths = convert.export_diffusers(args.ckpt, args.out, pg, int(args.max_shard_gb * 2**30))
             print(f"exported {args.ckpt} -> {args.out} ({len(paths)} safetensors file(s))")
             if args.adapter_out:

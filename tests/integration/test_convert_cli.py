@@ -352,3 +352,11 @@ def test_process_group_survives_cli_calls(pg, conversions):
     from megatron.core import parallel_state
 
     assert parallel_state.model_parallel_is_initialized()
+
+
+def test_adapter_out_of_a_full_fine_tune_is_refused_before_writing(pg, conversions, tmp_path):
+    c = conversions("t2v")  # an imported (full) model: no LoRA adapters
+    rc, out, err = _run_cli(["export", "--ckpt", c.ckpt, "--out", tmp_path / "hf", "--adapter-out", tmp_path / "ad"])
+    assert rc == 2 and err.startswith("error: --adapter-out:") and "full fine-tune" in err, err
+    _assert_nothing_written(tmp_path / "hf")
+    assert not (tmp_path / "ad").exists()
