@@ -6,8 +6,8 @@
 Runs the real training step (policy forward/backward with the configured recompute, the reference pass,
 optimizer state and update, LoRA or full) at real size under FakeTensorMode with a fake process group of
 the configured world size, and prints the heaviest rank's peak by category (weights, grads, optimizer,
-activations, reference). What cannot run here is modelled and named in the output (TE layers, FP8,
-Megatron-FSDP). --max-frames searches the largest 4k+1 frame count per clip that fits the budget.
+activations, reference). FSDP2 (parallel.fsdp) runs as in the trainer; what cannot run here is modelled
+and named in the output (TE layers, FP8). --max-frames searches the largest 4k+1 frame count per clip that fits the budget.
 Logic: megatron_regdpo/capacity/.
 """
 from __future__ import annotations

@@ -1,27 +1,20 @@
 """What the simulation cannot run on this machine, modelled from counts and applied to its result.
 
-- Megatron-FSDP (CUDA-only in megatron-core: DeviceMesh("cuda"), CUDA streams): the simulation runs DDP,
-  then the resident state is re-counted as FSDP's `optim_grads_params` sharding keeps it. Parameters, their
-  gradients and the optimizer state are split over the DP x CP group (megatron's `dp_cp` mesh dimension);
-  two WanLayers (the one computing and the prefetched next) hold gathered weights, and two their full
-  gradients before the reduce-scatter. The optimizer update's transient (fp32 gradient copies) shrinks by
-  the same factor. The resident reference (objective.reference.mode) is a separate, unwrapped copy in our
-  trainer and stays whole.
 - Transformer Engine FP8 (delayed or current scaling): TE is not installable without CUDA. Its linears keep
   their input for backward in FP8 (1 byte) instead of bf16 (2 bytes), and keep the FP8 weight and its
   transpose (2 bytes per weight) for backward. Inputs held only by a linear shrink: the three modulated
   norm outputs (self-attention QKV, cross-attention Q, FFN in) and the FFN's inner activation; the
   attention projections' inputs are also held by the attention kernel and do not. Both terms apply to
   every layer whose activations are live in backward (all of them, or one under full recompute).
-  Uncalibrated: the FP8 terms need a GPU measurement (none was lent), the FSDP terms too.
+  Uncalibrated: the FP8 terms need a GPU measurement (none was lent).
+
+FSDP2 (parallel.fsdp) is not modelled here: the simulation runs it (capacity/fake_world.py).
 """
 from __future__ import annotations
 
 import dataclasses
 
 from .simulate import StepMemory
-
-STATIC = ("weights", "grads", "optimizer")
 
 
 def _shift(mem: StepMemory, deltas: dict, note: str) -> StepMemory:
@@ -36,22 +29,6 @@ def _shift(mem: StepMemory, deltas: dict, note: str) -> StepMemory:
     top = max(peaks, key=peaks.get)
     return dataclasses.replace(mem, peak=peaks[top], peak_phase=top, breakdown=breakdowns[top], phase_peaks=peaks,
                                phase_breakdowns=breakdowns, notes=[*mem.notes, note])
-
-
-def apply_fsdp(mem: StepMemory, shard: int) -> StepMemory:
-    """Megatron-FSDP over `shard` = DP x CP ranks, from a DDP simulation of the same step."""
-    layer_w, layer_g = mem.sizes["layer_weight_bytes"], mem.sizes["layer_grad_bytes"]
-    sharded = {"weights": mem.static["weights"] // shard + 2 * layer_w,
-               "grads": mem.static["grads"] // shard + 2 * layer_g,
-               "optimizer": mem.static["optimizer"] // shard}
-    delta = {c: sharded[c] - mem.static[c] for c in STATIC}
-    deltas = {ph: dict(delta) for ph in mem.phase_peaks}
-    if "optimizer" in mem.phase_breakdowns:   # the update's transient (fp32 gradient copies) is sharded too
-        update = mem.phase_breakdowns["optimizer"]["optimizer"] - mem.static["optimizer"]
-        deltas["optimizer"]["optimizer"] -= max(update, 0) - max(update, 0) // shard
-    note = (f"Megatron-FSDP modelled (CUDA-only): params/grads/optimizer / {shard} (DP x CP) + 2 gathered layers "
-            f"({2 * layer_w / 2**30:.2f} GiB weights, {2 * layer_g / 2**30:.2f} GiB grads)")
-    return dataclasses.replace(_shift(mem, deltas, note), static={**mem.static, **sharded})
 
 
 def fp8_delta(mem: StepMemory, arch, cfg) -> int:

@@ -19,10 +19,13 @@ MARKER_BYTES = 40_961  # an allocation of this odd size marks the start of the s
 
 def live_tensor_bytes() -> int:
     """Bytes of the unique storages of every tensor the garbage collector can reach."""
+    from .tracker import _inner_tensors
+
     seen, total = set(), 0
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.layout == torch.strided and obj.device.type == "cpu":
-            st = obj.untyped_storage()
+    tensors = (i for obj in gc.get_objects() if isinstance(obj, torch.Tensor) for i in _inner_tensors(obj))
+    for t in tensors:  # a DTensor's memory is its local shard's
+        if t.layout == torch.strided and t.device.type == "cpu":
+            st = t.untyped_storage()
             if st.data_ptr() not in seen and st.nbytes():
                 seen.add(st.data_ptr())
                 total += st.nbytes()
@@ -110,6 +113,14 @@ VALIDATION_CASES = (
      ("precision.params_dtype=bf16", "parallel.distributed_optimizer=true", "data.global_batch_pairs=2")),
     ("TP2xCP2, bf16, LoRA, full recompute", 4,
      ("parallel.tp=2", "parallel.cp=2", "precision.params_dtype=bf16", "lora.rank=8", "model.recompute=full")),
+    # FSDP2 (parallel.fsdp): weights, gradients and optimizer state sharded over DP x CP, the resident
+    # reference too; each unit's all-gather and reduce-scatter buffers come and go during the step
+    ("FSDP2 DP2, full FT, fp32, resident reference", 2, ("parallel.fsdp=true", "data.global_batch_pairs=2")),
+    ("FSDP2 DP2, bf16, LoRA r8, lora_base", 2,
+     ("parallel.fsdp=true", "data.global_batch_pairs=2", "precision.params_dtype=bf16", "lora.rank=8",
+      "objective.reference.mode=lora_base")),
+    ("FSDP2 CP2, bf16, full FT, resident reference, full recompute", 2,
+     ("parallel.fsdp=true", "parallel.cp=2", "precision.params_dtype=bf16", "model.recompute=full")),
 )
 
 

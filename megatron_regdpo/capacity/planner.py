@@ -5,7 +5,7 @@
 
 `plan` simulates the configured training step (capacity/simulate.py) on the ranks whose memory can differ
 (the first and last pipeline stage; every other rank repeats one of them), then applies the analytic
-models of what cannot run here (capacity/analytic.py: Megatron-FSDP, TE FP8).
+model of what cannot run here (capacity/analytic.py: TE FP8). FSDP2 (parallel.fsdp) runs in the simulation.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from megatron_regdpo.config import ConfigError, validate, with_overrides
 from megatron_regdpo.models.wan.arch import resolve_arch
 
-from .analytic import apply_fp8, apply_fsdp
+from .analytic import apply_fp8
 from .simulate import StepMemory, simulate_step
 from .tracker import CATEGORIES
 
@@ -56,8 +56,6 @@ def plan(cfg, world_size: int) -> StepMemory:
     mems = [simulate_step(cfg, world_size, rank, device=planning_device()) for rank in ranks]
     out = []
     for mem in mems:
-        if cfg.parallel.fsdp:
-            mem = apply_fsdp(mem, layout.dp * layout.cp)
         if cfg.precision.fp8 != "none":
             mem = apply_fp8(mem, arch, cfg)
         out.append(mem)
@@ -77,10 +75,11 @@ class FrameSearch:
     evaluations: int
 
 
-def max_frames(cfg, world_size: int, budget: Budget, limit_latent: int = 512) -> FrameSearch:
+def max_frames(cfg, world_size: int, budget: Budget, limit_latent: int = 512, hint: int | None = None) -> FrameSearch:
     """The largest 4k+1 frame count per clip whose plan fits `budget` (frame counts the layout rejects,
     e.g. tokens not divisible by CP, count as not fitting). Memory grows with frames: an affine guess from
-    1 and 2 latent frames, galloping up from it, then bisection."""
+    1 and 2 latent frames, galloping up from it, then bisection. `hint` (latent frames, e.g. an earlier
+    answer): start there instead, galloping down while it does not fit (two plans when it is the answer)."""
     tried: dict[int, StepMemory | None] = {}
 
     def at(latent: int) -> StepMemory | None:
@@ -98,7 +97,14 @@ def max_frames(cfg, world_size: int, budget: Budget, limit_latent: int = 512) ->
 
     # peak memory is close to affine in the frame count: two plans give a guess, a few more bracket it
     lo, hi = 0, 1                      # fits(lo) (0 = nothing); hi: the first count to try above it
-    if fits(1):
+    if hint is not None and fits(hint):
+        lo, hi = hint, hint + 1
+    elif hint is not None:             # gallop down: hi does not fit, lo = hi - step does (or 0)
+        step, hi = 1, hint
+        while hi - step >= 1 and not fits(hi - step):
+            hi, step = hi - step, 2 * step
+        lo = max(hi - step, 0)
+    elif fits(1):
         lo, hi = 1, 2
         one, two = at(1), at(2)
         if two is not None and two.peak > one.peak:

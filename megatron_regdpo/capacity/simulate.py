@@ -1,21 +1,21 @@
 """One Reg-DPO training step of a configured run, on one rank, with its memory tracked by category.
 
-The step is the trainer's (training/trainer.py), built from the same pieces: build_wan (+ LoRA), megatron-core
-DDP and optimizer, the configured reference mode, keyed-noise micro-batches (training/batches.py), the
-reference pass, the policy forward/backward through megatron-core's schedule (training/step.py's
-forward_step, the configured recompute) and the optimizer step. Only the data is synthetic (random latents
+The step is the trainer's (training/trainer.py), built from the same pieces: build_wan (+ LoRA), the
+data-parallel wrapper and optimizer of the config (megatron-core DDP and optimizer, or with parallel.fsdp
+FSDP2 and its AdamW, the resident reference sharded like the policy), the configured reference mode,
+keyed-noise micro-batches (training/batches.py), the reference pass, the policy forward/backward through
+megatron-core's schedule (training/step.py's forward_step, the configured recompute) and the optimizer step. Only the data is synthetic (random latents
 of the configured shape instead of a GT-Pair store). With `fake=True` it runs under FakeTensorMode in a fake
 world of the configured size (capacity/fake_world.py): nothing is allocated, 14B runs here. With `fake=False`
 it runs on real tensors in the caller's process groups: what the planner's validation measures.
 
-Order of what stays resident, as in a run from its second step on: weights, gradient buffers, optimizer
-state (one warm-up update with zero gradients creates Adam's moments, which change no weight), the
-reference. Then the step: reference pass, forward/backward, update; its peak is the planner's answer.
+Order of what stays resident, as in a run from its second step on: weights, gradient buffers (none with
+FSDP2), optimizer state (one warm-up update with zero gradients creates Adam's moments), the reference. Then the step: reference pass, forward/backward, update; its peak is the planner's answer.
 """
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -26,6 +26,7 @@ from megatron_regdpo.models.wan.build import build_wan
 from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
 from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
+from megatron_regdpo.parallel.fsdp2 import frozen_sharding
 from megatron_regdpo.parallel.pipeline import forward_backward
 from megatron_regdpo.reference import ReferenceBatch, build_reference
 from megatron_regdpo.training.batches import micro_batches
@@ -55,7 +56,7 @@ class StepMemory:
     host: int
     peak_overall: int               # including the build (what a profiler of the whole run sees)
     simulated_as: dict = dataclasses.field(default_factory=dict)   # what ran in place of what was configured
-    sizes: dict = dataclasses.field(default_factory=dict)          # per-layer counts for capacity/analytic.py
+    sizes: dict = dataclasses.field(default_factory=dict)          # per-layer counts for capacity/analytic.py (FP8)
     notes: list = dataclasses.field(default_factory=list)
 
 
@@ -93,22 +94,13 @@ class _CachedErrors:
 def runnable_config(cfg):
     """The config the simulation builds, and what it replaced: Transformer Engine layers run as the local
     spec (same weights; core attention as SDPA, whose memory is FlashAttention's: q, k, v, out and the
-    softmax statistics), and Megatron-FSDP as DDP (sharding is applied analytically, capacity/analytic.py)."""
-    # what the trainer refuses (training/setup.py) cannot be planned either
-    if cfg.parallel.virtual_pp:
-        raise ValueError(f"parallel.virtual_pp={cfg.parallel.virtual_pp}: the trainer builds one model chunk per "
-                         f"stage (no interleaved schedule), so there is no such step to plan; unset it")
-    if cfg.parallel.pp > 1 and cfg.objective.reference.mode != "cached":
-        raise ValueError(f"parallel.pp={cfg.parallel.pp} needs objective.reference.mode='cached' in the trainer, "
-                         f"got {cfg.objective.reference.mode!r}")
+    softmax statistics). FSDP2 (parallel.fsdp) runs as configured."""
+    # what the trainer refuses, config.validate refuses (simulate_step calls it first), so the planner too
     replaced = {}
     if cfg.model.backend == "te":
         replaced["model.backend"] = "te -> local"
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backend="local"),
                                   precision=dataclasses.replace(cfg.precision, fp8="none"))
-    if cfg.parallel.fsdp:
-        replaced["parallel.fsdp"] = "Megatron-FSDP -> DDP + analytic sharding"
-        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, fsdp=False))
     return cfg, replaced
 
 
@@ -151,18 +143,23 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
             apply_lora(model, cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets))
     with tracker.stage("build", "grads"):
         ddp = wrap_data_parallel(model, cfg.parallel, pg)
-    # with the distributed optimizer, DDP moves the parameters into one contiguous buffer: still weights
+    # with the distributed optimizer, DDP moves the parameters into one contiguous buffer, and FSDP2 replaces
+    # them by their shards: still weights
     tracker.move(list(model.parameters()), "weights")
     with tracker.stage("build", "optimizer"):
         optimizer = build_optimizer(cfg.optim, cfg.parallel, dtype, [ddp], pg)
         ddp.zero_grad_buffer()
+        if cfg.parallel.fsdp:  # FSDP2 keeps no gradient buffer: torch's AdamW makes state for gradients only
+            for p in optimizer.get_parameters():
+                p.grad = torch.zeros_like(p)
         optimizer_step(optimizer, 0.0, cfg.optim.clip_grad)   # Adam's moments exist from the second step on
         optimizer.zero_grad()
     with tracker.stage("build", "reference"):
         if mode == "cached":
             reference = _CachedErrors()
         else:
-            reference = build_reference(mode, ddp, build_model=build_base, cp_group=pg.cp)
+            reference = build_reference(mode, ddp, build_model=build_base, cp_group=pg.cp,
+                                        shard=frozen_sharding(cfg.parallel, pg, dtype))
         if mode == "cpu_swap":
             tracker.move(reference.host_copies, HOST)
     static = {c: tracker.current[c] for c in (*CATEGORIES, HOST)}
@@ -182,7 +179,7 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
             x_t=mb["x_t"], timestep=mb["timestep"], text=mb["text"], target=mb["target"], image=mb["image"]))
     settings = RegDPOSettings(cfg.objective.beta, cfg.objective.beta_convention, cfg.objective.dpo_weight,
                               cfg.objective.sft_mode, cfg.objective.sft_weight)
-    with tracker.stage("forward_backward", "activations"):
+    with tracker.stage("forward_backward", "activations"), _fsdp2_grads_counted_as_grads(tracker):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         forward_step = make_forward_step(settings, pg.cp, pair_forward=cfg.objective.pair_forward)
@@ -197,6 +194,27 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
                       phase_peaks=dict(tracker.phase_peaks), phase_breakdowns=dict(tracker.phase_breakdowns),
                       static=static, host=tracker.current[HOST],
                       peak_overall=tracker.peak_overall, sizes=sizes)
+
+
+@contextmanager
+def _fsdp2_grads_counted_as_grads(tracker: MemoryTracker):
+    """FSDP2 keeps no gradient buffer: a unit's sharded gradients are made in its post-backward (the
+    reduce-scatter's input and output buffers and the new `.grad` shards). Counted as grads, not activations.
+    The hook point is torch's (private) FSDPParamGroup.post_backward, wrapped only while the step runs: the
+    public API has no per-unit post-backward callback, and the memory is the same without it (only its label)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    real = FSDPParamGroup.post_backward
+
+    def post_backward(self, *args, **kwargs):
+        with tracker.stage(tracker.phase, "grads"):
+            return real(self, *args, **kwargs)
+
+    FSDPParamGroup.post_backward = post_backward
+    try:
+        yield
+    finally:
+        FSDPParamGroup.post_backward = real
 
 
 def layer_sizes(model, grad_bytes: int) -> dict:

@@ -6,6 +6,13 @@ reference). So "activations" is everything the forward/backward allocated and ha
 tensors, temporaries, communication buffers. `peak` is the highest total, with the breakdown at that
 moment; `phase_peaks` is the highest total seen while each phase was current.
 
+Storages resized in place are followed while the tracker is active: FSDP2 (parallel/fsdp2.py) allocates
+each parameter's unsharded all-gather buffer once and then frees and re-allocates it by resizing its storage
+to 0 bytes and back (torch's fully_shard `free_storage`/`alloc_storage`), which no op reports. A storage
+resized up from 0 counts in the category of the phase that re-allocates it (the reference's gathered layers
+as reference, the policy's as activations). The all-gather's flat output and the reduce-scatter buffers are
+ordinary op outputs.
+
 Under FakeTensorMode nothing is allocated and data-dependent reads (`.item()`, `.tolist()`) have no value:
 the tracker answers them with 1, or False for booleans (finite losses and norms, Adam step counts >= 1,
 no inf found), which changes no shape.
@@ -15,13 +22,22 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary, weakref
 
 CATEGORIES = ("weights", "grads", "optimizer", "activations", "reference")
 HOST = "host"  # host-memory copies (the cpu_swap reference): tracked, never part of the device total
 _SCALAR_READS = {torch.ops.aten._local_scalar_dense.default}
+
+
+def _inner_tensors(t: torch.Tensor) -> list:
+    """The tensors holding `t`'s memory: `t` itself, or a wrapper subclass's inner tensors (a DTensor's local
+    shard; the wrapper's own storage is a data-less stand-in of the global size)."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    inner = (getattr(t, name) for name in t.__tensor_flatten__()[0])
+    return [i for x in inner if isinstance(x, torch.Tensor) for i in _inner_tensors(x)]
 
 
 def _round_up(n: int, granule: int) -> int:
@@ -70,8 +86,8 @@ class MemoryTracker(TorchDispatchMode):
     def move(self, tensors, category: str) -> None:
         """Re-count already tracked tensors under another category (e.g. host copies made on the
         simulation's CPU device)."""
-        for t in tree_leaves(tensors):
-            record = self._seen.get(t.untyped_storage()) if isinstance(t, torch.Tensor) else None
+        for t in (i for leaf in tree_leaves(tensors) if isinstance(leaf, torch.Tensor) for i in _inner_tensors(leaf)):
+            record = self._seen.get(t.untyped_storage())
             if record is not None and record[0] != category:
                 self.current[record[0]] -= record[1]
                 self.current[category] += record[1]
@@ -83,6 +99,10 @@ class MemoryTracker(TorchDispatchMode):
         self.phase_peaks, self.phase_breakdowns = {}, {}
 
     def _add(self, t: torch.Tensor, category: str) -> None:
+        if is_traceable_wrapper_subclass(t):
+            for inner in _inner_tensors(t):
+                self._add(inner, category)
+            return
         if t.layout != torch.strided or t.device.type != self.device_type:
             return
         st = t.untyped_storage()
@@ -92,6 +112,9 @@ class MemoryTracker(TorchDispatchMode):
         self._seen[st] = record
         weakref.finalize(st, self._release, record)
         self.current[category] += record[1]
+        self._note_peak()
+
+    def _note_peak(self) -> None:
         total = self.total
         self.peak_overall = max(self.peak_overall, total)
         if total > self.peak:
@@ -101,6 +124,32 @@ class MemoryTracker(TorchDispatchMode):
 
     def _release(self, record: list) -> None:
         self.current[record[0]] -= record[1]
+
+    def _resized(self, storage, nbytes: int) -> None:
+        record = self._seen.get(storage)
+        if record is None:
+            return
+        self.current[record[0]] -= record[1]
+        if record[1] == 0 and nbytes:
+            record[0] = self.category
+        record[1] = _round_up(nbytes, self.granule)
+        self.current[record[0]] += record[1]
+        self._note_peak()
+
+    def __enter__(self):
+        real, tracker = torch.UntypedStorage.resize_, self
+
+        def resize_(storage, nbytes):
+            out = real(storage, nbytes)
+            tracker._resized(storage, nbytes)
+            return out
+
+        self._real_resize, torch.UntypedStorage.resize_ = real, resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._real_resize
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.fake and func in _SCALAR_READS:

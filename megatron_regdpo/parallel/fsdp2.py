@@ -109,6 +109,17 @@ class FSDP2Model(torch.nn.Module):
         copy_into_shards(self.module, loaded)
 
 
+def frozen_sharding(parallel, pg_collection, compute_dtype: torch.dtype):
+    """How a frozen model (a resident reference) is sharded like the policy under `parallel.fsdp`: a function
+    module -> the FSDP2-sharded module; None without FSDP (the trainer and the planner use the same)."""
+    if not parallel.fsdp:
+        return None
+
+    def shard(frozen: torch.nn.Module) -> torch.nn.Module:
+        return FSDP2Model(frozen, pg_collection, compute_dtype, parallel.grad_reduce_in_fp32).module
+    return shard
+
+
 def _master_weights_fp32(module: torch.nn.Module) -> None:
     """Trainable, not yet sharded parameters of `module` to fp32 (what the optimizer updates)."""
     with torch.no_grad():

@@ -20,7 +20,7 @@ from megatron_regdpo.models.wan.flops import wan_step_flops
 from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
 from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
-from megatron_regdpo.parallel.fsdp2 import FSDP2Model
+from megatron_regdpo.parallel.fsdp2 import frozen_sharding
 from megatron_regdpo.reference import ReferenceBatch, build_reference
 
 from .checkpoint import Checkpointer
@@ -143,13 +143,10 @@ def build_run(cfg, pg) -> TrainingRun:
     optimizer = build_optimizer(cfg.optim, cfg.parallel, dtype, [ddp], pg)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
 
-    def shard(frozen):  # a resident reference is sharded like the policy (never whole on a rank)
-        return FSDP2Model(frozen, pg, compute_dtype=dtype, grad_reduce_in_fp32=cfg.parallel.grad_reduce_in_fp32).module
-
     reference = build_reference(
         cfg.objective.reference.mode, ddp, build_model=lambda: build_base(init=False), checkpoint=cfg.checkpoint.load,
         cp_group=pg.cp, cache_path=cache_path, expect={"seed": cfg.run.seed, "flow_matching": fm},
-        shard=shard if cfg.parallel.fsdp else None)
+        shard=frozen_sharding(cfg.parallel, pg, dtype))  # a resident reference sharded like the policy
     tokens, latent = video_tokens(cfg.data.frames, cfg.data.height, cfg.data.width)
     step_flops = wan_step_flops(arch, latent, cfg.data.text_len, pairs=cfg.data.global_batch_pairs,
                                 reference_forward=cfg.objective.reference.mode != "cached",

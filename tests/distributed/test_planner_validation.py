@@ -1,9 +1,10 @@
 """The capacity planner against measured memory: real steps on spawned gloo ranks under torch's profiler
-(CPU allocator totals) vs the fake-tensor plan of the same config and rank, within 10%.
+(CPU allocator totals) vs the fake-tensor plan of the same config and rank, within 10% (FSDP2: 5%).
 
 Cases (megatron_regdpo/capacity/measure.py): one rank, full fine-tuning with a resident reference; one
 rank, LoRA with full recompute (where the plan once exposed adapters left without gradients, and a frozen
-linear's strided backward); two ranks, TP2 + sequence parallelism, bf16, selective recompute. tools/validate_planner.py runs all of them.
+linear's strided backward); two ranks, TP2 + sequence parallelism, bf16, selective recompute; two ranks, FSDP2 (parallel.fsdp) full
+fine-tuning with the resident reference sharded like the policy. tools/validate_planner.py runs all of them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from megatron_regdpo.config import load_config
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("case", [0, 1, 2], ids=[VALIDATION_CASES[i][0] for i in (0, 1, 2)])
+CASES = (0, 1, 2, 8)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[VALIDATION_CASES[i][0] for i in CASES])
 def test_plan_within_10_percent_of_measured_peak(case):
     name, world, overrides = VALIDATION_CASES[case]
     cfg = load_config("recipes/base/wan_debug.yaml", [*SMALL, *overrides])
@@ -24,7 +28,8 @@ def test_plan_within_10_percent_of_measured_peak(case):
     for r in results:
         assert r["measured"]["step"] > 10 * 2**20                    # a real step was measured, not noise
         for kind in ("step", "whole_run"):
-            assert abs(r["rel_error"][kind]) <= 0.10, (name, r["rank"], kind, r["measured"], r["planned"])
+            tolerance = 0.05 if "FSDP2" in name else 0.10
+            assert abs(r["rel_error"][kind]) <= tolerance, (name, r["rank"], kind, r["measured"], r["planned"])
         # the tracker on the real run and the fake plan agree to a few bytes (the fake world's gradient-norm
         # shim makes a scalar or two differently): fake tensors change no bookkeeping
         for kind in ("step", "whole_run"):

@@ -53,3 +53,19 @@ def test_fake_tensors_are_counted_without_memory_and_scalar_reads_answer():
         assert lin.weight.dtype == torch.bfloat16
         del big
     assert tracker.peak >= 2**35
+
+
+def test_storage_resizes_are_followed():
+    """FSDP2 frees and re-allocates its unsharded parameters by resizing their storages to 0 and back."""
+    tracker = MemoryTracker(granule=1)
+    with tracker:
+        with tracker.stage("reference", "reference"):
+            buf = torch.empty(1000)                                  # 4,000 B
+        buf.untyped_storage().resize_(0)                             # freed, the tensor lives on
+        assert tracker.total == 0
+        with tracker.stage("forward", "activations"):
+            buf.untyped_storage().resize_(4000)                      # re-allocated by this phase
+        assert tracker.current == {**tracker.current, "activations": 4000, "reference": 0}
+        del buf
+    assert tracker.total == 0 and tracker.peak == 4000
+    assert torch.UntypedStorage.resize_ is torch._C.StorageBase.resize_   # restored on exit
