@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from _procs import TOKEN_VAR, carrying
+from _procs import TOKEN_VAR, carrying, wait_for
 
 from megatron_regdpo.parallel.procs import kill_all, kill_tree, run_tree, wait_gone
 
@@ -25,7 +25,8 @@ def test_detector_finds_a_detached_child_and_it_ends_by_pid():
     child = subprocess.Popen(SLEEP, env={**os.environ, TOKEN_VAR: f"{os.environ[TOKEN_VAR]} {token}"},
                              start_new_session=True)
     try:
-        assert [p.pid for p in carrying(token)] == [child.pid]   # out of our process group, still found
+        # out of our process group, still found (once it has exec'd: until then it carries our environment)
+        assert wait_for(lambda: [p.pid for p in carrying(token)] == [child.pid], child, timeout=30)
         assert kill_all(carrying(token)) == []
         assert child.wait(timeout=10) == -9
         assert carrying(token) == []

@@ -11,11 +11,20 @@ from megatron_regdpo.config import load_config
 DEBUG = ("data.global_batch_pairs=4", "data.frames=17", "data.height=64", "data.width=64")
 
 
-@pytest.fixture(scope="module")
-def plans():
+def _plans(rank: int, world: int, payload) -> tuple:
+    """In a process of its own: the fake world needs one without torch.distributed (the session's tests
+    keep a one-rank world up)."""
     ddp = simulate_step(load_config("recipes/base/wan_debug.yaml", list(DEBUG)), 4, granule=1)
     fsdp = simulate_step(load_config("recipes/base/wan_debug.yaml", [*DEBUG, "parallel.fsdp=true"]), 4, granule=1)
     return ddp, fsdp
+
+
+@pytest.fixture(scope="module")
+def plans():
+    from megatron_regdpo.parallel.spawn import run_world
+
+    (result,) = run_world(1, _plans, None)
+    return result
 
 
 def _about_a_quarter(sharded: int, whole: int) -> bool:
