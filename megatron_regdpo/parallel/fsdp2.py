@@ -24,8 +24,10 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+
+from megatron_regdpo.checkpoint_io.fsdp2_shards import copy_into_shards, local_shards, record_geometry
 
 # the tags megatron-core's layers and ours put on parameters; FSDP2 replaces every parameter by a new
 # DTensor parameter, so they are carried over by hand
@@ -49,8 +51,6 @@ class FSDP2Model(torch.nn.Module):
         self.tp_group, self.pp_group, self.dp_cp_group = pg_collection.tp, pg_collection.pp, pg_collection.dp_cp
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.mesh = DeviceMesh.from_group(self.dp_cp_group, device_type=device, mesh_dim_names=("dp_cp",))
-        from megatron_regdpo.checkpoint_io.fsdp2_shards import record_geometry
-
         record_geometry(module)  # the checkpoint's description of each weight, taken before sharding
         tags = {name: {t: getattr(p, t) for t in PARAM_TAGS if hasattr(p, t)} for name, p in module.named_parameters()}
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype,
@@ -99,13 +99,9 @@ class FSDP2Model(torch.nn.Module):
 
     # the checkpoint protocol of training/checkpoint.py
     def checkpoint_sharded_state_dict(self) -> dict:
-        from megatron_regdpo.checkpoint_io.fsdp2_shards import local_shards
-
         return local_shards(self.module, dtype=self.config.params_dtype)
 
     def load_checkpoint_state(self, loaded: dict) -> None:
-        from megatron_regdpo.checkpoint_io.fsdp2_shards import copy_into_shards
-
         copy_into_shards(self.module, loaded)
 
 
@@ -145,7 +141,3 @@ def finalize_fsdp2_grads(model_chunks: list, num_tokens=None, *args, **kwargs) -
         raise ValueError("per-token loss scaling is not used by this trainer")
     for chunk in model_chunks:
         chunk.finalize_grads()
-
-
-def is_fsdp2(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDP2Model) or isinstance(model, FSDPModule)

@@ -15,8 +15,8 @@ import math
 
 import torch
 import torch.distributed as dist
-from megatron_regdpo.parallel.fsdp2 import FSDP2Model, local
 from megatron_regdpo.checkpoint_io.fsdp2_shards import geometry, narrow_to_local
+from megatron_regdpo.parallel.fsdp2 import FSDP2Model, local
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 # what megatron-core matches a checkpoint's parameter groups by (its _filter_and_reorder_param_groups)
