@@ -1,9 +1,10 @@
 """`make demo`: the whole product on an embedded default, on a CPU machine, in a few minutes.
 
 1. make a few small clips (VP9 and H.264) with captions;
-2. preprocess them: decode (DALI or PyAV per codec), tiny random Wan-architecture VAE and UMT5 text
-   encoder (no downloads), zarr GT-Pair store;
+2. preprocess them on 2 ranks (torchrun; the clips split between them): decode (DALI or PyAV per codec),
+   tiny random Wan-architecture VAE and UMT5 text encoder (no downloads), zarr GT-Pair store;
 3. a base model (the debug Wan DiT) saved as a Megatron checkpoint, which generates the negatives;
+   side-by-side preview mp4s of the pairs (winner left, loser right) in runs/demo/previews/;
 4. Reg-DPO for 20 steps on 2 gloo ranks with tensor parallelism (torchrun, recipes/debug/tiny_cpu_tp2.yaml),
    LoRA on the base weights, the reference being the base with its adapters off, with checkpoints;
 5. export the last checkpoint to a diffusers folder (LoRA merged, verified against the checkpoint) and the
@@ -76,22 +77,29 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=2)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from megatron_regdpo.training.startup import hide_known_warnings
+
+    hide_known_warnings()  # before this process imports megatron-core (the base model of stage 3)
     out, t0 = Path(args.out), time.time()
     shutil.rmtree(out, ignore_errors=True)
     store, models = out / "pairs.zarr", out / "models"
 
     _stage(1, "clips")
     print(f"  {make_clips(out / 'clips')} clips in {out / 'clips'}")
-    _stage(2, "preprocess: decode, tiny VAE + text encoder, zarr store")
-    rc = _tool("preprocess_videos").main([
-        "--input", str(out / "clips"), "--store", str(store), "--frames", "9", "--fps", "8", "--short-side", "64",
-        "--bucket", "1:1", "--text-len", "16", "--tiny-random-models", "--models-dir", str(models)])
-    if rc:
-        return rc
+    _stage(2, f"preprocess on {args.ranks} ranks (torchrun): decode, tiny VAE + text encoder, zarr store")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if run_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
+                 str(ROOT / "tools" / "preprocess_videos.py"), "--input", str(out / "clips"), "--store", str(store),
+                 "--frames", "9", "--fps", "8", "--short-side", "64", "--bucket", "1:1", "--text-len", "16",
+                 "--tiny-random-models", "--models-dir", str(models)], env=env):
+        return 1
     _stage(3, "base model and its negatives")
     save_base_model(out / "base", seed=1234)
     rc = _tool("make_gt_pairs").main(["generate", "--store", str(store), "--ckpt", str(out / "base"), "-k", "1",
                                       "--steps", "4"])
+    if rc:
+        return rc
+    rc = _tool("make_gt_pairs").main(["preview", "--store", str(store), "--out", str(out / "previews"), "--n", "4"])
     if rc:
         return rc
     _stage(4, f"Reg-DPO, {args.steps} steps on {args.ranks} gloo ranks (torchrun, TP{args.ranks})")
@@ -102,7 +110,6 @@ def main(argv=None) -> int:
            "objective.beta=50", "logging.interval=5",
            # LoRA as in the paper (rank 16 / alpha 32 at full size), reference = the base with adapters off
            "lora.rank=4", "lora.alpha=8", "objective.reference.mode=lora_base", "optim.lr=1e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if run_tree(cmd, env=env):  # interrupted: torchrun's ranks end too
         return 1
     _stage(5, "export to diffusers, plot")
@@ -113,7 +120,8 @@ def main(argv=None) -> int:
         return rc
     rc = _tool("plot_run").main([str(out / "train")])
     print(f"\ndemo done in {time.time() - t0:.0f} s: store {store}, run {out / 'train'} "
-          f"(metrics.jsonl, dashboard.png, checkpoints/), diffusers export {out / 'diffusers'}")
+          f"(metrics.jsonl, dashboard.png, checkpoints/), pair previews {out / 'previews'}, "
+          f"diffusers export {out / 'diffusers'}")
     return rc
 
 

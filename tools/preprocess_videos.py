@@ -5,10 +5,14 @@ I2V image conditioning). Resumable: rerun the same command after an interruption
   python tools/preprocess_videos.py --input DIR --store STORE [--task t2v|i2v] [--frames 81 --fps 16]
       [--short-side 480 --bucket 16:9|9:16|3:4|1:1|auto] (--wan-dir DIR | --vae PATH --text-encoder PATH
       [--image-encoder PATH] | --tiny-random-models) [--prefer CODEC=BACKEND[,BACKEND]] [--device cpu|cuda]
+      [--min-short-side 0 --max-upscale 2 --static-threshold 0.003 --scene-cut-threshold 0.4]
+
+  # on every GPU of a node (or N CPU processes): the clips are split over the ranks, each done once
+  torchrun --nproc-per-node N tools/preprocess_videos.py ... (same flags)
 
 Captions: <name>.txt next to <name>.<ext>, or captions.jsonl lines {"file", "caption"} in DIR.
 Skipped inputs go to STORE/skipped.jsonl (or --report). Exit 0 when the run finished (skips included),
-2 on a usage error.
+2 on a usage error (one `error:` line from rank 0).
 """
 from __future__ import annotations
 
@@ -30,6 +34,13 @@ def parse_args(argv=None):
     ap.add_argument("--short-side", type=int, default=480)
     ap.add_argument("--bucket", default="16:9", help="16:9, 9:16, 3:4, 1:1 or auto (nearest aspect per clip)")
     ap.add_argument("--min-short-side", type=int, default=0, help="skip clips smaller than this (paper: 720)")
+    filters = ap.add_argument_group("clip filters (skipped clips go to skipped.jsonl with the measured value; 0 = off)")
+    filters.add_argument("--max-upscale", type=float, default=2.0,
+                         help="skip clips the bucket enlarges by more than this factor (cover-resize)")
+    filters.add_argument("--static-threshold", type=float, default=0.003,
+                         help="skip near-static clips: mean |frame difference| below this ([-1, 1] pixel units)")
+    filters.add_argument("--scene-cut-threshold", type=float, default=0.4,
+                         help="skip clips with a hard cut: a luma-histogram jump above this (0..1)")
     models = ap.add_argument_group("encoders (local folders; nothing is downloaded)")
     models.add_argument("--wan-dir", help="a Wan2.1 diffusers folder with vae/ text_encoder/ tokenizer/ "
                                           "[image_encoder/ image_processor/]")
@@ -75,25 +86,40 @@ def main(argv=None) -> int:
     from megatron_regdpo.data.decode import DecodeOptions, parse_preference
     from megatron_regdpo.data.preprocess import PreprocessOptions, preprocess
     from megatron_regdpo.data.progress import quiet_library_logs
+    from megatron_regdpo.data.ranks import says_errors, start_job
+    from megatron_regdpo.training.lifecycle import exit_with_launcher
 
     quiet_library_logs()
+    exit_with_launcher()  # under torchrun: a worker does not outlive its launcher
+    job = start_job(args.device)
     try:
         prefer = None
         if args.prefer:
             from megatron_regdpo.data.decode import CPU_PREFERENCE, GPU_PREFERENCE
 
             prefer = {**(GPU_PREFERENCE if args.device == "cuda" else CPU_PREFERENCE), **parse_preference(args.prefer)}
+        if args.tiny_random_models and not job.lead:
+            job.barrier()  # rank 0 builds the tiny models first, the others then read them
+        paths = model_paths(args)
+        if args.tiny_random_models and job.lead:
+            job.barrier()
         decode = DecodeOptions(fps=args.fps, frames=args.frames, short_side=args.short_side, bucket=args.bucket,
-                               min_short_side=args.min_short_side, device=args.device, prefer=prefer)
-        opts = PreprocessOptions(input_dir=args.input, store=args.store, models=model_paths(args), decode=decode,
+                               min_short_side=args.min_short_side, device=args.device, prefer=prefer,
+                               max_upscale=args.max_upscale, static_threshold=args.static_threshold,
+                               scene_cut_threshold=args.scene_cut_threshold)
+        opts = PreprocessOptions(input_dir=args.input, store=args.store, models=paths, decode=decode,
                                  task=args.task, text_len=args.text_len, latent_dtype=args.latent_dtype,
                                  report=args.report, device=args.device, limit=args.limit,
                                  show_progress=not args.no_progress)
-        summary = preprocess(opts)
+        summary = preprocess(opts, job)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if says_errors():
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summary.format())
+    finally:
+        job.close()
+    if job.lead:
+        print(summary.format())
     return 0
 
 

@@ -15,13 +15,18 @@ from pathlib import Path
 REASONS = (
     "zero_length",        # the file has no bytes
     "corrupt",            # no container or stream could be opened / no packets
-    "truncated",          # the stream ends before the duration its container declares
+    "truncated",          # demuxing failed part way, or too few frames where the container claims enough time
     "no_video_stream",    # e.g. an audio-only file
     "unsupported_codec",  # no decoder backend allowed for this codec can decode it here
     "too_short",          # fewer frames than needed at the target fps
     "too_small",          # short side below the configured minimum
+    "upscale",            # the bucket needs the source enlarged more than the configured maximum factor
+    "static",             # near-static: consecutive frames differ less than the configured threshold
+    "scene_cut",          # a hard cut: a jump in the frames' luma histograms above the configured threshold
     "decode_error",       # every allowed backend failed while decoding
     "no_caption",         # no <name>.txt and no captions.jsonl entry, or an empty caption
+    "bad_caption",        # a caption .txt that is not UTF-8, or a captions.jsonl line that is not a valid entry
+    "missing_video",      # a captions.jsonl line names a video that does not exist
     "no_real_clip",       # an imported negative names a real clip that is not in the store
     "unexpected_error",   # any other exception while reading/encoding this one file (logged with traceback)
 )

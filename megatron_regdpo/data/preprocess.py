@@ -1,8 +1,13 @@
 """Preprocessing: a folder of captioned videos -> real-clip latents, text embeddings (and I2V image
 conditioning) in a GT-Pair store. Resumable; bad inputs are skipped and reported, never half-written.
 
-Per clip, everything is computed in memory first (decode, normalise, VAE, text, CLIP); only then are its
-arrays written and the clip committed (text first, as its own commit, shared by clips with one caption).
+Per clip, everything is computed in memory first (decode, normalise, VAE, CLIP); only then are its arrays
+written and the clip committed. Its text goes first, as its own commit shared by the clips with one caption
+(only captions of clips that decoded are encoded).
+
+Under torchrun the clips (and before them the captions) are split over the ranks, each done exactly once,
+committed by rank 0 after every round (data/ranks.py); a rerun after a kill does what is left. The store
+is the same whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -11,13 +16,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from .decode import DecodeOptions, VideoDecoder
 from .encode import Encoders, ModelPaths, load_encoders
 from .errors import BadInput, SkipReport
-from .inputs import InputVideo, find_inputs
-from .progress import progress
+from .inputs import InputVideo, scan_inputs
+from .progress import Bar
+from .ranks import Job, open_store, rounds, shard
 from .store import GTPairStore, prompt_id
 
 # Wan2.1's default negative prompt (used for classifier-free guidance when the negatives are sampled).
@@ -39,7 +44,7 @@ class PreprocessOptions:
     latent_dtype: str = "bf16"           # how latents/embeddings are stored: bf16 | fp16 | fp32
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     report: str | None = None            # JSONL of skipped inputs; default <store>/skipped.jsonl
-    device: str = "cpu"
+    device: str = "cpu"                  # "cpu" or "cuda" (this rank's GPU under torchrun)
     limit: int | None = None             # try at most this many inputs not yet in the store (smoke runs)
     show_progress: bool = True
 
@@ -58,10 +63,12 @@ class PreprocessSummary:
     backends: Counter
     store_real: int
     seconds: float
+    ranks: int = 1
 
     def format(self) -> str:
         used = ", ".join(f"{b} {n}" for b, n in sorted(self.backends.items())) or "none"
-        return (f"added {self.added} real clips in {self.seconds:.1f} s (decoders: {used}); "
+        on = f" on {self.ranks} ranks" if self.ranks > 1 else ""
+        return (f"added {self.added} real clips in {self.seconds:.1f} s{on} (decoders: {used}); "
                 f"{self.already} already in the store; {self.skipped.summary()}; "
                 f"store has {self.store_real} real clips")
 
@@ -71,38 +78,85 @@ def store_attrs(opts: PreprocessOptions, encoders: Encoders) -> dict:
     return {"task": opts.task, "fps": d.fps, "frames": d.frames, "short_side": d.short_side, "bucket": d.bucket,
             "latent_dtype": opts.latent_dtype, "text_len": opts.text_len, "pixel_range": [-1, 1],
             "frame_selection": "nearest source frame to each i/fps from the first frame; cover-resize, center-crop",
-            "negative_prompt_id": prompt_id(opts.negative_prompt), **encoders.describe()}
+            "negative_prompt_id": prompt_id(opts.negative_prompt), **encoders.describe(),
+            # the filters of the run that made the store (a resumed run may filter differently)
+            "filters": {"min_short_side": d.min_short_side, "max_upscale": d.max_upscale,
+                        "static_threshold": d.static_threshold, "scene_cut_threshold": d.scene_cut_threshold}}
 
 
-def preprocess(opts: PreprocessOptions) -> PreprocessSummary:
-    start = time.monotonic()
-    inputs = find_inputs(opts.input_dir)
+def preprocess(opts: PreprocessOptions, job: Job | None = None) -> PreprocessSummary:
+    """Fill the store; every rank of `job` calls this (one process: job=None). Rank 0's summary counts all."""
+    job, start = job or Job(), time.monotonic()
+    videos, problems = scan_inputs(opts.input_dir)
     encoders = load_encoders(opts.models, opts.task, opts.text_len, opts.device)
-    store = GTPairStore.open_or_create(opts.store, store_attrs(opts, encoders))
+    store = open_store(job, opts.store, lambda: GTPairStore.open_or_create(opts.store, store_attrs(opts, encoders)))
     report_path = Path(opts.report) if opts.report else Path(opts.store) / REPORT_FILE
-    report_path.unlink(missing_ok=True)  # bad inputs are retried every run, so the report is per run
-    report, backends, decoder = SkipReport(report_path), Counter(), VideoDecoder(opts.decode)
-    _ensure_text(store, encoders, opts.negative_prompt)
-    pending = [v for v in inputs if not store.committed("real", v.sample_id)]
-    already = len(inputs) - len(pending)
+    if job.lead:
+        report_path.unlink(missing_ok=True)  # bad inputs are retried every run, so the report is per run
+    report = _RoundReport(report_path if job.lead else None)  # rank 0 writes every rank's skips
+    for problem in problems:  # captions.jsonl lines that name no usable video
+        report.add(problem, "inputs")
+    pending = [v for v in videos if not store.committed("real", v.sample_id)]
+    already = len(videos) - len(pending)
     if opts.limit is not None:
         pending = pending[:opts.limit]
-    for video in progress(pending, total=len(pending), desc="preprocess", enabled=opts.show_progress):
-        sample = report.attempt(video.path, "preprocess", encode_clip, video, decoder, encoders, store, opts)
-        if sample is None:
-            continue
-        _ensure_text(store, encoders, video.caption, sample.pop("text"))
-        store.write_real(video.sample_id, sample.pop("latents"), sample.pop("record"), **sample)
-        backends[store.records["real"][video.sample_id]["backend"]] += 1
-    store.finalize()
-    return PreprocessSummary(sum(backends.values()), already, report, backends,
-                             len(store.records["real"]), time.monotonic() - start)
+    _ensure_text(job, store, encoders, opts.negative_prompt if job.lead else None)
+    bar = Bar(len(pending), "preprocess", enabled=opts.show_progress and job.lead)
+    decoder, backends, mine = VideoDecoder(opts.decode), Counter(), shard(pending, job)
+    for i in range(rounds(len(pending), job)):
+        outcome = None  # this rank's clip of the round: ("real", backend) or ("skip", entry)
+        if i < len(mine):
+            video, report.last = mine[i], None
+            sample = report.attempt(video.path, "preprocess", encode_clip, video, decoder, encoders, opts)
+            outcome = ("skip", report.last) if sample is None else ("real", sample["record"]["backend"])
+        _ensure_text(job, store, encoders, video.caption if outcome and outcome[0] == "real" else None)
+        if outcome and outcome[0] == "real":
+            store.write_real(video.sample_id, sample.pop("latents"), sample.pop("record"), **sample)
+        for rank, part in enumerate(job.sync(store, outcome)):
+            if part is None:
+                continue
+            bar.update(1)
+            if part[0] == "real":
+                backends[part[1]] += 1
+            elif rank != job.rank:  # another rank's skip: counted here, written to the report by rank 0
+                path, reason, detail, stage = part[1]
+                report.add(BadInput(path, reason, detail), stage)
+    bar.close()
+    if job.lead:
+        store.finalize()
+    job.barrier()  # nobody reads or leaves before the index is written
+    return PreprocessSummary(sum(backends.values()), already, report, backends, len(store.records["real"]),
+                             time.monotonic() - start, job.world)
 
 
-def encode_clip(video: InputVideo, decoder: VideoDecoder, enc: Encoders, store: GTPairStore,
-                opts: PreprocessOptions) -> dict:
-    """Everything one real clip contributes, computed before anything is written."""
+def _ensure_text(job: Job, store: GTPairStore, enc: Encoders, caption: str | None) -> None:
+    """Every rank calls this with the caption its clip of the round needs (or None): each caption not yet in
+    the store is encoded once, by the first rank that needs it, and committed before any clip that uses it."""
+    pids = job.gather(prompt_id(caption) if caption else None)
+    first: dict[str, int] = {}
+    for rank, pid in enumerate(pids):
+        if pid and not store.committed("text", pid):
+            first.setdefault(pid, rank)
+    if caption and first.get(prompt_id(caption)) == job.rank:
+        emb_BTE, mask_BT = enc.text.encode([caption])
+        store.write_text(prompt_id(caption), emb_BTE[0], mask_BT[0], caption)
+    job.sync(store)
+
+
+class _RoundReport(SkipReport):
+    """Keeps the last skip, so that a round can hand it to the other ranks (rank 0 writes it down)."""
+    last: tuple[str, str, str, str] | None = None
+
+    def add(self, err: BadInput, stage: str) -> None:
+        self.last = (err.path, err.reason, err.detail, stage)
+        super().add(err, stage)
+
+
+def encode_clip(video: InputVideo, decoder: VideoDecoder, enc: Encoders, opts: PreprocessOptions) -> dict:
+    """Everything one real clip contributes, computed before anything is written (its text is in already)."""
     path, caption = video.path, video.caption
+    if video.problem is not None:
+        raise video.problem
     if not caption:
         raise BadInput(path, "no_caption", f"no {path.with_suffix('.txt').name} and no captions.jsonl entry "
                        f"(or the caption is empty)")
@@ -111,7 +165,6 @@ def encode_clip(video: InputVideo, decoder: VideoDecoder, enc: Encoders, store: 
     pid = prompt_id(caption)
     info = clip.info
     out = {"latents": enc.vae.encode(video_BCTHW)[0],
-           "text": None if store.committed("text", pid) else enc.text.encode([caption]),
            "record": {"prompt_id": pid, "source": str(path), "codec": info.codec, "backend": clip.backend,
                       "bucket": clip.bucket, "size": list(video_BCTHW.shape[-2:]),
                       "source_size": [info.width, info.height], "source_fps": round(info.fps, 3),
@@ -121,12 +174,3 @@ def encode_clip(video: InputVideo, decoder: VideoDecoder, enc: Encoders, store: 
         out["image_IE"] = enc.image.encode(first_BCHW)[0]
         out["cond_CFhw"] = enc.vae.i2v_condition(first_BCHW, opts.decode.frames)[0]
     return out
-
-
-def _ensure_text(store: GTPairStore, enc: Encoders, caption: str,
-                 encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    pid = prompt_id(caption)
-    if store.committed("text", pid):
-        return
-    emb_BTE, mask_BT = encoded if encoded is not None else enc.text.encode([caption])
-    store.write_text(pid, emb_BTE[0], mask_BT[0], caption)

@@ -1,4 +1,4 @@
-"""VideoDecoder: probe -> pick a backend for the codec -> decode the selected frames -> normalise.
+"""VideoDecoder: probe -> pick a backend for the codec -> decode the selected frames -> normalise -> filter.
 
 The backend is chosen per file from a per-codec preference list (first capable and available backend
 wins; a backend that fails on a file hands it to the next one). The choice is logged and returned.
@@ -16,6 +16,7 @@ from megatron_regdpo.data.errors import BadInput, DecodeFailure
 
 from .dali_backend import (DALI_CPU_CODECS, DALI_NVDEC_CODECS, DaliDecoder, cuda_device_index, dali_available,
                            nvdec_available)
+from .filters import cover_scale, cut_score, motion
 from .normalize import bucket_hw, fit_frames, nearest_bucket, select_frames
 from .probe import VideoInfo, probe
 from .pyav_backend import decode_pyav
@@ -53,6 +54,10 @@ class DecodeOptions:
     min_short_side: int = 0     # skip clips whose source is smaller (the paper keeps >= 720)
     device: str = "cpu"         # "cpu", or "cuda" for NVDEC through DALI
     prefer: Mapping[str, tuple[str, ...]] | None = field(default=None)  # codec ("*" = any) -> backends
+    # Filters that skip a clip (0 turns one off); the defaults' measurements are in filters.py's docstring.
+    max_upscale: float = 2.0    # skip clips the bucket enlarges more (cover-resize factor): 360p -> 720p passes
+    static_threshold: float = 0.003      # skip clips whose frames differ less (mean |diff|, [-1, 1] units)
+    scene_cut_threshold: float = 0.4     # skip clips with a luma-histogram jump above this (0..1)
 
     def __post_init__(self):
         if self.frames < 1 or self.frames % 4 != 1:
@@ -64,6 +69,12 @@ class DecodeOptions:
             bucket_hw(self.bucket, self.short_side)  # raises ValueError naming the bad value
         elif self.short_side % 16:
             raise ValueError(f"short_side={self.short_side} must be a multiple of 16")
+        if self.max_upscale and self.max_upscale < 1:
+            raise ValueError(f"max_upscale={self.max_upscale} must be >= 1 (or 0 to allow any upscale)")
+        if not 0 <= self.static_threshold < 2:
+            raise ValueError(f"static_threshold={self.static_threshold} must be in [0, 2) ([-1, 1] units; 0 = off)")
+        if not 0 <= self.scene_cut_threshold < 1:
+            raise ValueError(f"scene_cut_threshold={self.scene_cut_threshold} must be in [0, 1) (0 = off)")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r} must be 'cpu' or 'cuda'")
         for codec, names in self.preference().items():
@@ -114,15 +125,47 @@ class VideoDecoder:
         return [b for b in chain if _capable(b, codec)]
 
     def load(self, path: str | Path, size_hw: tuple[int, int] | None = None) -> Clip:
-        """The normalised clip of `path`, or BadInput; `size_hw` forces the output size (else the bucket's)."""
+        """The normalised clip of `path`, or BadInput; `size_hw` forces the output size (else the bucket's).
+
+        A clip forced to a size (an imported negative, matched to its real clip) skips the content filters:
+        a static or cut generated video is a loser worth keeping.
+        """
         info = probe(path)
         if min(info.width, info.height) < self.opts.min_short_side:
             raise BadInput(path, "too_small", f"{info.width}x{info.height} is below the minimum short side "
                            f"{self.opts.min_short_side}")
         bucket, hw = ("fixed", size_hw) if size_hw else self.opts.target(info.width, info.height)
+        scale = cover_scale((info.height, info.width), hw)
+        if self.opts.max_upscale and scale > self.opts.max_upscale:
+            raise BadInput(path, "upscale", f"{info.width}x{info.height} -> {bucket} {hw[1]}x{hw[0]} needs a "
+                           f"{scale:.2f}x upscale, above max_upscale={self.opts.max_upscale:g}")
         indices = select_frames(info, self.opts.fps, self.opts.frames)
         frames_THWC, backend = self.decode_frames(info, indices)
-        return Clip(fit_frames(frames_THWC, hw), info, bucket, backend, indices)
+        clip = Clip(fit_frames(frames_THWC, hw), info, bucket, backend, indices)
+        if size_hw is None:
+            self.check_content(clip)
+        return clip
+
+    def check_content(self, clip: Clip) -> None:
+        """BadInput(static | scene_cut), measured on the distinct frames (a repeated source frame, from
+        up-sampling a low frame rate, is no sign of a still picture)."""
+        idx = clip.frame_indices
+        distinct = [k for k in range(len(idx)) if k == 0 or idx[k] != idx[k - 1]]
+        video_CTHW = clip.video_CTHW[:, distinct]
+        opts, path = self.opts, clip.info.path
+        if opts.static_threshold and len(distinct) > 1:
+            moved = motion(video_CTHW)
+            if moved < opts.static_threshold:
+                raise BadInput(path, "static", f"near-static: consecutive frames differ by {moved:.4f} on average "
+                               f"([-1, 1] units, {len(distinct)} distinct frames), below static_threshold="
+                               f"{opts.static_threshold:g}")
+        if opts.scene_cut_threshold:
+            jump, t = cut_score(video_CTHW)
+            if jump > opts.scene_cut_threshold:
+                at_s = clip.info.frame_times_s[idx[distinct[t]]]
+                raise BadInput(path, "scene_cut", f"hard cut at {at_s:.2f} s (source frame {idx[distinct[t]]}): "
+                               f"luma histogram jump {jump:.3f}, above scene_cut_threshold="
+                               f"{opts.scene_cut_threshold:g}")
 
     def decode_frames(self, info: VideoInfo, indices: list[int]) -> tuple[torch.Tensor, str]:
         chain = self.backends_for(info.codec)

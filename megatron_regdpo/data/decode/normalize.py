@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from megatron_regdpo.data.errors import BadInput
 
+from .filters import cover_scale
 from .probe import VideoInfo
 
 # Aspect buckets named width:height, as (h, w) ratios.
@@ -45,15 +46,21 @@ def nearest_bucket(width: int, height: int) -> str:
 
 
 def select_frames(info: VideoInfo, fps: float, frames: int) -> list[int]:
-    """Source frame index shown at each target time i/fps, i < frames; BadInput(too_short) if it runs out."""
+    """Source frame index shown at each target time i/fps, i < frames; BadInput if the frames run out:
+    truncated where the container claims enough time (probe found fewer frames), else too_short."""
     times = info.frame_times_s
     need_s = (frames - 1) / fps
     # The last target must fall within the last source frame's display time (half an interval of slack
     # so that e.g. a 30 fps clip of exactly the needed length is not rejected by rounding).
     if not times or need_s > times[-1] + 0.5 * info.frame_interval_s + 1e-6:
-        raise BadInput(info.path, "too_short", f"{frames} frames at {fps:g} fps need a frame at {need_s:.2f} s; "
-                       f"the last of its {info.num_frames} frames ({info.fps:.3g} fps) is at "
-                       f"{times[-1] if times else 0:.2f} s")
+        have = (f"the last of its {info.num_frames} frames ({info.fps:.3g} fps) is at "
+                f"{times[-1] if times else 0:.2f} s")
+        claimed = info.declared_duration_s
+        if info.duration_untrusted and claimed is not None and claimed >= need_s:
+            raise BadInput(info.path, "truncated", f"the container claims {claimed:.2f} s but holds "
+                           f"{info.num_frames} frames; {frames} frames at {fps:g} fps need a frame at "
+                           f"{need_s:.2f} s and {have}")
+        raise BadInput(info.path, "too_short", f"{frames} frames at {fps:g} fps need a frame at {need_s:.2f} s; {have}")
     picked = []
     for i in range(frames):
         t = i / fps
@@ -73,7 +80,7 @@ def fit_frames(frames_THWC: torch.Tensor, size_hw: tuple[int, int], chunk: int =
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames_THWC.dtype} {tuple(frames_THWC.shape)}")
     t, h, w, _ = frames_THWC.shape
     out_h, out_w = size_hw
-    scale = max(out_h / h, out_w / w)
+    scale = cover_scale((h, w), size_hw)
     rh, rw = max(out_h, round(h * scale)), max(out_w, round(w * scale))
     top, left = (rh - out_h) // 2, (rw - out_w) // 2
     out_CTHW = torch.empty(3, t, out_h, out_w, dtype=torch.float32, device=frames_THWC.device)

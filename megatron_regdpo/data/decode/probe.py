@@ -1,15 +1,21 @@
 """Probe a video with PyAV by demuxing its packets (no decoding): codec, size and every frame's time.
 
-This is the first gate for bad input (empty, unreadable, truncated, audio-only files) and the source of
-the frame times that frame selection needs, exact also for variable-frame-rate files.
+This is the first gate for bad input (empty, unreadable, audio-only files) and the source of the frame
+times that frame selection needs, exact also for variable-frame-rate files. The frames are counted, never
+trusted from the header: a container that declares more time than its packets hold (a truncated download,
+or a muxer that wrote a wrong duration) is marked `duration_untrusted`, and frame selection decides whether
+the frames that are there suffice (else it skips the clip as truncated).
 """
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_regdpo.data.errors import BadInput
+
+log = logging.getLogger("megatron_regdpo.data.decode")
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,7 @@ class VideoInfo:
     height: int
     frame_times_s: tuple[float, ...]  # presentation times, ascending, the first frame at 0.0
     declared_duration_s: float | None
+    duration_untrusted: bool = False  # the declared duration exceeds the packets' span: it was ignored
 
     @property
     def num_frames(self) -> int:
@@ -41,7 +48,7 @@ class VideoInfo:
 
 
 def probe(path: str | Path) -> VideoInfo:
-    """VideoInfo of `path`, or BadInput(zero_length | corrupt | no_video_stream | truncated)."""
+    """VideoInfo of `path`, or BadInput(zero_length | corrupt | no_video_stream | truncated: demuxing failed)."""
     import av
 
     path = Path(path)
@@ -72,8 +79,9 @@ def probe(path: str | Path) -> VideoInfo:
     if declared is not None and info.num_frames > 1:
         missing_s = declared - info.span_s
         if missing_s > max(2 * info.frame_interval_s, 0.05 * declared):
-            raise BadInput(path, "truncated", f"the container declares {declared:.2f} s but the packets end "
-                           f"after {info.span_s:.2f} s ({info.num_frames} frames)")
+            log.info("%s: the container declares %.2f s but its %d frames span %.2f s: the frames count",
+                     path, declared, info.num_frames, info.span_s)
+            info = VideoInfo(str(path), codec, width, height, times, declared, duration_untrusted=True)
     return info
 
 

@@ -1,10 +1,14 @@
 """Synthetic test videos written with PyAV: smooth moving content, every frame different and identifiable.
 
+Also the content the clip filters must reject (PATTERNS: a still picture, a hard cut) and a container whose
+declared duration lies (`claim_duration`).
+
 Used by the tests, the demo and tools/bench_decode.py. `ENCODERS` maps a codec to the FFmpeg encoders that
 can write it, in order; `encoder_for` says which one this PyAV build has (None if none).
 """
 from __future__ import annotations
 
+import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -48,9 +52,25 @@ def frame_pattern(i: int, width: int, height: int) -> np.ndarray:
     return img
 
 
+def pattern_frame(pattern: str, i: int, frames: int, width: int, height: int) -> np.ndarray:
+    """Frame i of `frames` of a PATTERNS content: "moving" (frame_pattern), "static" (its frame 0 throughout)
+    or "cut" (frame_pattern, then from the middle on a dark, horizontally mirrored version: another shot)."""
+    if pattern == "moving":
+        return frame_pattern(i, width, height)
+    if pattern == "static":
+        return frame_pattern(0, width, height)
+    if pattern == "cut":
+        img = frame_pattern(i, width, height)
+        return img if i < frames // 2 else (img[:, ::-1] // 4).copy()
+    raise ValueError(f"pattern {pattern!r} is not one of {PATTERNS}")
+
+
+PATTERNS = ("moving", "static", "cut")
+
+
 def write_video(path: str | Path, codec: str, width: int, height: int, frames: int, fps: float,
-                container_format: str | None = None) -> Path:
-    """Write `frames` frames of `frame_pattern` at `fps`; ValueError if this PyAV has no encoder for `codec`."""
+                container_format: str | None = None, pattern: str = "moving") -> Path:
+    """Write `frames` frames of `pattern` (PATTERNS) at `fps`; ValueError if this PyAV has no encoder for `codec`."""
     import av
 
     enc = encoder_for(codec)
@@ -66,12 +86,33 @@ def write_video(path: str | Path, codec: str, width: int, height: int, frames: i
         stream.pix_fmt = _PIX_FMT.get(codec, "yuv420p")
         stream.options = dict(options)
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(frame_pattern(i, width, height), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(pattern_frame(pattern, i, frames, width, height), format="rgb24")
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def claim_duration(path: str | Path, seconds: float) -> Path:
+    """Rewrite the duration a Matroska/WebM file declares (its Segment Info Duration, a float in ms at the
+    default timecode scale) to `seconds`, leaving the frames alone: a container whose header lies."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path)) as c:
+        declared_ms = c.duration / 1000 if c.duration else None
+    data = bytearray(path.read_bytes())
+    for tag, fmt in ((b"\x44\x89\x88", ">d"), (b"\x44\x89\x84", ">f")):  # ID 0x4489, an 8- or 4-byte float
+        at = data.find(tag)
+        if at >= 0 and declared_ms is not None:
+            value, = struct.unpack_from(fmt, data, at + len(tag))
+            if abs(value - declared_ms) <= 1:
+                struct.pack_into(fmt, data, at + len(tag), seconds * 1000)
+                path.write_bytes(bytes(data))
+                return path
+    raise ValueError(f"{path}: no Matroska Duration element declaring {declared_ms} ms found (write it as "
+                     f"Matroska or WebM)")
 
 
 # name -> (codec, extension, width, height, frames, fps): a small set for tests and demos, each long enough

@@ -1,4 +1,4 @@
-"""The frozen Wan VAE (diffusers `AutoencoderKLWan`): pixels -> normalised latents, and Wan2.1's I2V condition.
+"""The frozen Wan VAE (diffusers `AutoencoderKLWan`): pixels <-> normalised latents, and Wan2.1's I2V condition.
 
 Normalisation as Wan: z = (mode of the posterior - latents_mean) / latents_std per channel, with the
 statistics from the VAE's own config. The I2V condition is what WanImageToVideoPipeline.prepare_latents
@@ -58,6 +58,19 @@ class WanVAE:
         z_BCFhw = self.vae.encode(x).latent_dist.mode().float()
         mean, std = self.mean_C.to(z_BCFhw.device), self.std_C.to(z_BCFhw.device)
         return (z_BCFhw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def decode(self, latents_BCFhw: torch.Tensor) -> torch.Tensor:
+        """The inverse of `encode`: normalised latents -> float32 pixels [B, 3, T, H, W] in [-1, 1],
+        T = 1 + t_stride * (F - 1)."""
+        if latents_BCFhw.dim() != 5 or latents_BCFhw.shape[1] != self.z_dim:
+            raise ValueError(f"VAE {self.path}: latents of shape {list(latents_BCFhw.shape)}, want "
+                             f"[B, {self.z_dim}, F, h, w]")
+        z = latents_BCFhw.to(device=self.device, dtype=torch.float32)
+        mean, std = self.mean_C.to(z.device), self.std_C.to(z.device)
+        z = z * std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1)
+        pixels_BCTHW = self.vae.decode(z.to(self.dtype), return_dict=False)[0].float()
+        return pixels_BCTHW.clamp(-1, 1)  # diffusers clamps too; kept so the range does not depend on its version
 
     @torch.no_grad()
     def i2v_condition(self, first_frame_BCHW: torch.Tensor, frames: int) -> torch.Tensor:

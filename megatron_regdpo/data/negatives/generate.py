@@ -11,7 +11,9 @@ pipeline's prepare_latents) concatenated after the 16 noisy ones, with the CLIP 
 both the conditional and the unconditional pass. With cfg_batch (default) the two passes are one forward of
 a doubled batch (same numbers, fewer launches; 2x the activation memory of one pass).
 
-Noise is keyed on (seed, real id, k), so a resumed run regenerates exactly what it would have made.
+Noise is keyed on (seed, real id, k), so a resumed run regenerates exactly what it would have made, on any
+number of ranks: under torchrun the real clips are split over the data-parallel groups (data/ranks.py), each
+group's TP/CP ranks sample together (the model gathers its output) and the group's first rank writes.
 Legend: B batch (K negatives, x2 with batched CFG), C latent channels, F/h/w latent frames/height/width,
 T text tokens, E text width, I image tokens.
 """
@@ -23,7 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megatron_regdpo.data.progress import progress
+from megatron_regdpo.data.progress import Bar
+from megatron_regdpo.data.ranks import Job, rounds, shard
 from megatron_regdpo.data.store import GTPairStore, safe_id
 
 from .flow import guided, sample
@@ -83,37 +86,53 @@ def check_model_fits(arch, attrs: dict) -> None:
 
 @torch.no_grad()
 def generate_negatives(store: GTPairStore, model, arch, opts: SamplerOptions, generator: str,
-                       device="cpu", dtype=torch.float32, show_progress: bool = True) -> dict:
-    """Sample the missing negatives of every committed real clip; returns counts."""
-    attrs = store.attrs
+                       device="cpu", dtype=torch.float32, show_progress: bool = True, job: Job | None = None) -> dict:
+    """Sample the missing negatives of every committed real clip; returns counts (all ranks' on each rank)."""
+    job, attrs, start = job or Job(), store.attrs, time.monotonic()
     check_model_fits(arch, attrs)
     model.eval()
     neg_emb_TE, _ = store.read_text(attrs["negative_prompt_id"])
     schedule = opts.schedule()
-    made = already = 0
-    start = time.monotonic()
-    reals = sorted(store.records["real"].items())
-    for real_id, rec in progress(reals, total=len(reals), desc=f"negatives ({generator})", enabled=show_progress):
+    todo, already = [], 0
+    for real_id, rec in sorted(store.records["real"].items()):
         ks = [k for k in range(opts.negatives_per_clip)
               if not store.committed("generated", negative_id(real_id, generator, k))]
         already += opts.negatives_per_clip - len(ks)
-        if not ks:
-            continue
-        text_TE, _ = store.read_text(rec["prompt_id"])
-        cond = None
-        if attrs["task"] == "i2v":
-            image_IE, cond_CFhw = store.read_image(real_id)
-            cond = (cond_CFhw.to(device, dtype), image_IE.to(device, dtype))
-        velocity = guided_velocity(model, text_TE.to(device, dtype), neg_emb_TE.to(device, dtype), cond, dtype,
-                                   opts.guidance, opts.cfg_batch)
-        noise_BCFhw = torch.stack([keyed_noise(rec["latent_shape"], opts.seed, real_id, k) for k in ks]).to(device)
-        x0_BCFhw = sample(velocity, noise_BCFhw, schedule)
-        for k, x0_CFhw in zip(ks, x0_BCFhw):
-            store.write_generated(negative_id(real_id, generator, k), x0_CFhw,
-                                  {"real_id": real_id, "generator": generator, "k": k, "sampler": asdict(opts)})
-            made += 1
-    store.finalize()
+        if ks:
+            todo.append((real_id, rec, ks))
+    bar = Bar(len(todo), f"negatives ({generator})", enabled=show_progress and job.lead)
+    made, mine = 0, shard(todo, job)
+    for i in range(rounds(len(todo), job)):
+        wrote = None
+        if i < len(mine):
+            real_id, rec, ks = mine[i]
+            x0_BCFhw = _sample_clip(store, model, opts, schedule, neg_emb_TE, real_id, rec, ks, device, dtype)
+            if job.writer:
+                for k, x0_CFhw in zip(ks, x0_BCFhw):
+                    store.write_generated(negative_id(real_id, generator, k), x0_CFhw,
+                                          {"real_id": real_id, "generator": generator, "k": k, "sampler": asdict(opts)})
+                wrote = len(ks)
+        parts = [n for n in job.sync(store, wrote) if n is not None]
+        made += sum(parts)
+        bar.update(len(parts))
+    bar.close()
+    if job.lead:
+        store.finalize()
+    job.barrier()  # nobody reads or leaves before the index is written
     return {"generated": made, "already": already, "seconds": round(time.monotonic() - start, 2)}
+
+
+def _sample_clip(store, model, opts, schedule, neg_emb_TE, real_id, rec, ks, device, dtype) -> torch.Tensor:
+    """The K negatives of one real clip, [K, C, F, h, w] float32 (every rank of a TP/CP group gets them)."""
+    text_TE, _ = store.read_text(rec["prompt_id"])
+    cond = None
+    if store.attrs["task"] == "i2v":
+        image_IE, cond_CFhw = store.read_image(real_id)
+        cond = (cond_CFhw.to(device, dtype), image_IE.to(device, dtype))
+    velocity = guided_velocity(model, text_TE.to(device, dtype), neg_emb_TE.to(device, dtype), cond, dtype,
+                               opts.guidance, opts.cfg_batch)
+    noise_BCFhw = torch.stack([keyed_noise(rec["latent_shape"], opts.seed, real_id, k) for k in ks]).to(device)
+    return sample(velocity, noise_BCFhw, schedule)
 
 
 def guided_velocity(model, text_TE, neg_TE, cond, dtype, guidance: float, cfg_batch: bool = True):

@@ -2,7 +2,8 @@
 from .arrays import read_array, write_array
 from .check import StoreReport, check_store
 from .commits import CommitLog
+from .repair import RepairResult, repair_store
 from .store import FORMAT, GTPairStore, PairEntry, prompt_id, safe_id
 
-__all__ = ["FORMAT", "CommitLog", "GTPairStore", "PairEntry", "StoreReport", "check_store", "prompt_id", "read_array",
-           "safe_id", "write_array"]
+__all__ = ["FORMAT", "CommitLog", "GTPairStore", "PairEntry", "RepairResult", "StoreReport", "check_store",
+           "prompt_id", "read_array", "repair_store", "safe_id", "write_array"]

@@ -13,6 +13,9 @@ Layout (every array one chunk, blosc-zstd; bf16 as a uint16 view, see arrays.py)
 
 Writes are resumable: a sample's arrays are written first (overwriting any partial leftovers) and the
 sample is committed last; `finalize` rebuilds the pair index from the log and deletes uncommitted groups.
+One process writes the commit log, the one holding the writer lock. In a multi-rank job the other ranks open
+the store `shared=True`: they write the arrays of their own samples and queue the commits, which rank 0
+appends to the log for them (data/ranks.py); `commit_records` never commits an id twice.
 
 Legend: C latent channels (+4 mask channels in cond), F/h/w latent frames/height/width, T text tokens,
 E embedding width, I image tokens.
@@ -65,7 +68,9 @@ class PairEntry:
 
 
 class GTPairStore:
-    def __init__(self, path: str | Path, mode: str = "r"):
+    def __init__(self, path: str | Path, mode: str = "r", shared: bool = False):
+        """mode "r" reads; "a" takes the writer lock and appends; "a" with shared=True is a rank of a job
+        whose rank 0 holds the lock: arrays are written here, commits queued in `self.queue`."""
         import zarr
 
         if mode not in ("r", "a"):
@@ -77,7 +82,8 @@ class GTPairStore:
         if self.root.attrs.get("format") != FORMAT:
             raise ValueError(f"{self.path}: attribute format={self.root.attrs.get('format')!r}, want {FORMAT!r}")
         self.log = CommitLog(self.path / COMMITS)
-        if mode == "a":  # one writer at a time (readers need no lock); held until this object is collected
+        self.queue: list[dict] | None = [] if shared else None  # commits waiting for rank 0 (shared writers)
+        if mode == "a" and not shared:  # one writer at a time (readers need no lock); held until this object is collected
             lock = FolderLock(self.path / WRITER_LOCK, f"store {self.path}").acquire()
             weakref.finalize(self, lock.release)
             self.log.repair()
@@ -165,8 +171,24 @@ class GTPairStore:
                 groups[group_name] = self.root[group_name].create_group(key, overwrite=True)
             write_array(groups[group_name], array_name, tensor, dtype)
         rec = {"kind": kind, "id": key, **record}
-        self.log.append(rec)
-        self.records[kind][key] = rec
+        if self.queue is not None:
+            self.queue.append(rec)
+        else:
+            self.log.append(rec)
+            self.records[kind][key] = rec
+
+    def commit_records(self, records: list[dict], write: bool = True) -> int:
+        """Commit samples whose arrays another rank wrote (appending to the log when `write`, i.e. on the lock
+        holder), skipping any id already committed; returns how many were skipped."""
+        skipped = 0
+        for rec in records:
+            if rec["id"] in self.records[rec["kind"]]:
+                skipped += 1
+                continue
+            if write:
+                self.log.append(rec)
+            self.records[rec["kind"]][rec["id"]] = rec
+        return skipped
 
     # ---------------------------------------------------------------- index and clean-up
 

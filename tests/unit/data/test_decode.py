@@ -12,6 +12,7 @@ from megatron_regdpo.data.decode import (BUCKETS, DecodeOptions, VideoDecoder, V
 from megatron_regdpo.data.decode.dali_backend import DaliDecoder, dali_available, explain_dali_error, nvdec_available
 from megatron_regdpo.data.errors import BadInput, DecodeFailure
 from megatron_regdpo.data.decode.synth import TEST_CLIPS as GOOD
+from megatron_regdpo.data.decode.synth import claim_duration, write_video
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 OPTS = dict(fps=8, frames=9, short_side=64, bucket="1:1")
@@ -34,11 +35,36 @@ def test_probe_reads_codec_size_and_frame_times(clips):
 
 
 @pytest.mark.parametrize("name,reason", [("zero", "zero_length"), ("random", "corrupt"),
-                                         ("truncated", "truncated"), ("audio_only", "no_video_stream")])
+                                         ("audio_only", "no_video_stream")])
 def test_probe_names_what_is_wrong(clips, name, reason):
     with pytest.raises(BadInput) as e:
         probe(clips[name])
     assert e.value.reason == reason and str(clips[name]) in str(e.value)
+
+
+def test_truncated_file_counts_its_frames_and_is_skipped_when_they_are_too_few(clips):
+    info = probe(clips["truncated"])                         # 40% of the bytes of 40 frames at 24 fps
+    assert info.duration_untrusted and info.declared_duration_s == pytest.approx(40 / 24, abs=0.05)
+    assert 1 < info.num_frames < 40
+    with pytest.raises(BadInput) as e:                       # 9 frames at 8 fps need 1 s
+        VideoDecoder(DecodeOptions(**OPTS)).load(clips["truncated"])
+    assert e.value.reason == "truncated" and f"claims 1.67 s but holds {info.num_frames} frames" in e.value.detail
+
+
+def test_container_claiming_100_s_is_decoded_by_counting_frames(tmp_path):
+    path = claim_duration(write_video(tmp_path / "liar.mkv", "vp9", 64, 64, 20, 10, "matroska"), 100)
+    info = probe(path)
+    assert info.declared_duration_s == pytest.approx(100) and info.num_frames == 20 and info.duration_untrusted
+    clip = VideoDecoder(DecodeOptions(**OPTS)).load(path)    # 9 frames at 8 fps: 1 s of its 2 s
+    assert clip.video_CTHW.shape == (3, 9, 64, 64)
+    assert clip.frame_indices == [math.ceil(i * 10 / 8 - 0.5) for i in range(9)]
+    with pytest.raises(BadInput) as e:                       # 3 s wanted, the claim would cover it: truncated
+        VideoDecoder(DecodeOptions(**{**OPTS, "frames": 25})).load(path)
+    assert e.value.reason == "truncated" and "claims 100.00 s but holds 20 frames" in e.value.detail
+    with pytest.raises(BadInput) as e:                       # longer than even the claim: too short
+        VideoDecoder(DecodeOptions(**{**OPTS, "fps": 0.1, "frames": 13})).load(path)
+    assert e.value.reason == "too_short"
+    assert not probe(write_video(tmp_path / "honest.mkv", "vp9", 64, 64, 20, 10, "matroska")).duration_untrusted
 
 
 # --------------------------------------------------------------------------- normalisation
