@@ -34,10 +34,10 @@ def _cmd(tool: str, args: list[str], ranks: int) -> list[str]:
     return [TORCHRUN, "--standalone", f"--nproc-per-node={ranks}", "--no-python", PY, script, *args]
 
 
-def _run(tool: str, args: list[str], ranks: int = 1) -> str:
+def _run(tool: str, args: list[str], ranks: int = 1, stderr: bool = False):
     out = subprocess.run(_cmd(tool, args, ranks), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"{tool} {args} on {ranks} ranks: {out.stdout[-1500:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+    return (out.stdout, out.stderr) if stderr else out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +128,9 @@ def test_negatives_on_two_ranks_at_dp_tp_and_cp_equal_one_rank(inputs, one_rank_
     gen = ["generate", "--ckpt", str(ckpt), "--steps", "3", "--no-progress"]
     out = _run("make_gt_pairs", [*gen, "--store", str(stores["one"]), "-k", "2"])
     assert f"generated {2 * N_CLIPS} negatives (base)" in out
-    out = _run("make_gt_pairs", [*gen, "--store", str(stores["dp2"]), "-k", "2"], ranks=2)
+    out, err = _run("make_gt_pairs", [*gen[:-1], "--store", str(stores["dp2"]), "-k", "2"], ranks=2, stderr=True)
     assert f"generated {2 * N_CLIPS} negatives (base)" in out and "on 2 model replicas x 1 ranks" in out
+    assert err.count(f"| 0/{N_CLIPS} [") == 1 and f"{N_CLIPS}/{N_CLIPS} [" in err  # one bar, the job's clips
     out = _run("make_gt_pairs", [*gen, "--store", str(stores["tp2"]), "-k", "1", "--tp", "2"], ranks=2)
     assert f"generated {N_CLIPS} negatives" in out and "on 1 model replicas x 2 ranks" in out
     out = _run("make_gt_pairs", [*gen, "--store", str(stores["tp2"]), "-k", "2", "--cp", "2"], ranks=2)
