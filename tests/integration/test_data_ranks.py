@@ -73,19 +73,25 @@ def one_rank_store(inputs):
     return store
 
 
-def test_preprocessing_on_two_ranks_is_exactly_once_resumable_and_equal_to_one_rank(inputs, one_rank_store):
-    store = inputs / "two.zarr"
-    proc = subprocess.Popen(_cmd("preprocess_videos", _pre_args(inputs, store), 2), env=ENV, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_after(cmd: list[str], store: Path, kind: str, n: int) -> int:
+    """Start the job, SIGKILL all of it (torchrun and its workers, by pid) once `n` samples of `kind` are
+    committed; returns how many were."""
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log, deadline, committed = store / "commits.jsonl", time.monotonic() + 240, 0
     try:
-        while time.monotonic() < deadline and proc.poll() is None and committed < 2:
-            committed = log.read_text().count('"kind": "real"') if log.is_file() else 0
+        while time.monotonic() < deadline and proc.poll() is None and committed < n:
+            committed = log.read_text().count(f'"kind": "{kind}"') if log.is_file() else 0
             time.sleep(0.01)
-        assert proc.poll() is None, "preprocessing ended before it could be killed"
+        assert proc.poll() is None, "the job ended before it could be killed"
     finally:
-        kill_tree(proc.pid)  # the whole job, torchrun and both workers, by pid
+        kill_tree(proc.pid)
         proc.wait()
+    return log.read_text().count(f'"kind": "{kind}"')
+
+
+def test_preprocessing_on_two_ranks_is_exactly_once_resumable_and_equal_to_one_rank(inputs, one_rank_store):
+    store = inputs / "two.zarr"
+    committed = _kill_after(_cmd("preprocess_videos", _pre_args(inputs, store), 2), store, "real", 2)
     assert 2 <= committed < N_CLIPS
     out = _run("preprocess_videos", _pre_args(inputs, store), ranks=2)   # the rerun finishes the job
     assert "on 2 ranks" in out and f"store has {N_CLIPS} real clips" in out and "skipped 1: corrupt 1" in out
@@ -119,18 +125,23 @@ def _checkpoint(store: Path, folder: Path) -> Path:
     return folder
 
 
-def test_negatives_on_two_ranks_at_dp_tp_and_cp_equal_one_rank(inputs, one_rank_store, tmp_path):
+def test_negatives_on_two_ranks_at_dp_tp_and_cp_resumable_and_equal_to_one_rank(inputs, one_rank_store, tmp_path):
     ckpt = _checkpoint(one_rank_store, tmp_path / "base")
     stores = {}
     for name in ("one", "dp2", "tp2"):
         stores[name] = tmp_path / f"{name}.zarr"
         shutil.copytree(one_rank_store, stores[name])
-    gen = ["generate", "--ckpt", str(ckpt), "--steps", "3", "--no-progress"]
+    gen = ["generate", "--ckpt", str(ckpt), "--steps", "20", "--no-progress"]  # ~0.3 s a clip: time to kill
     out = _run("make_gt_pairs", [*gen, "--store", str(stores["one"]), "-k", "2"])
     assert f"generated {2 * N_CLIPS} negatives (base)" in out
-    out, err = _run("make_gt_pairs", [*gen[:-1], "--store", str(stores["dp2"]), "-k", "2"], ranks=2, stderr=True)
-    assert f"generated {2 * N_CLIPS} negatives (base)" in out and "on 2 model replicas x 1 ranks" in out
-    assert err.count(f"| 0/{N_CLIPS} [") == 1 and f"{N_CLIPS}/{N_CLIPS} [" in err  # one bar, the job's clips
+    dp2 = [*gen[:-1], "--store", str(stores["dp2"]), "-k", "2"]
+    made = _kill_after(_cmd("make_gt_pairs", dp2, 2), stores["dp2"], "generated", 2)   # killed mid-run ...
+    assert 2 <= made < 2 * N_CLIPS
+    out, err = _run("make_gt_pairs", dp2, ranks=2, stderr=True)                        # ... and resumed
+    assert f"generated {2 * N_CLIPS - made} negatives (base)" in out and f"{made} already there" in out
+    assert "on 2 model replicas x 1 ranks" in out
+    left = N_CLIPS - made // 2  # clips with a negative to make (a clip's K negatives commit in one round)
+    assert err.count(f"| 0/{left} [") == 1 and f"{left}/{left} [" in err  # one bar for the job, on rank 0
     out = _run("make_gt_pairs", [*gen, "--store", str(stores["tp2"]), "-k", "1", "--tp", "2"], ranks=2)
     assert f"generated {N_CLIPS} negatives" in out and "on 1 model replicas x 2 ranks" in out
     out = _run("make_gt_pairs", [*gen, "--store", str(stores["tp2"]), "-k", "2", "--cp", "2"], ranks=2)
