@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from megatron_regdpo.parallel.comm_bench import LAYOUTS, run_layouts
+    from megatron_regdpo.experiments.comm import LAYOUTS, run_layouts
     from megatron_regdpo.parallel.spawn import run_world
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--real-vae-frames", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="112x64 sources, 9 frames, no real VAE")
     args = ap.parse_args(argv)
-    from megatron_regdpo.data.bench import markdown_table, run_bench
+    from megatron_regdpo.experiments.decode import markdown_table, run_bench
 
     with tempfile.TemporaryDirectory() as tmp:
         kw = dict(sources={"tiny": (112, 64)}, frames=9, short_side=64, repeats=1, tiny_vae_frames=5,

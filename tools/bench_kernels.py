@@ -5,7 +5,7 @@
 
 On CUDA: the Triton kernel and the torch reference, each with its ratio to a measured device copy (goal for
 Triton: >= 0.85). On CPU: the torch reference only (Triton compiles for GPUs only). One JSON line per
-measurement is appended to --out (default runs/bench_kernels.jsonl). The logic lives in kernels/bench.py.
+measurement is appended to --out (default runs/bench_kernels.jsonl). The logic lives in megatron_regdpo/experiments/kernels.py.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kernels.bench import bench_sq_err, format_table
     from kernels.capability import triton_status
+    from megatron_regdpo.experiments.kernels import bench_sq_err, format_table
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

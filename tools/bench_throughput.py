@@ -9,7 +9,7 @@ the warmup of step time, pairs/s, model and hardware TFLOP/s per device, peak Gi
 status (ok / invalid: reason / failed: log tail). Then a markdown table on stdout. The runs (and their
 end-of-run checkpoints) live in a scratch folder that is deleted afterwards unless --workdir is given.
 A training run needs a GT-Pair store (data.store); --tiny-store DIR builds the demo's tiny one there if missing.
-Logic: megatron_regdpo/training/bench.py.
+Logic: megatron_regdpo/experiments/throughput.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_regdpo.config import ConfigError, load_config  # noqa: E402
-from megatron_regdpo.training import bench  # noqa: E402
+from megatron_regdpo.experiments import throughput as bench  # noqa: E402
 
 
 def build_tiny_store(folder: Path) -> Path:

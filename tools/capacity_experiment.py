@@ -5,7 +5,7 @@
     python tools/capacity_experiment.py --table runs/capacity_14b_i2v.jsonl    # the table again, no planning
 
 Rows: (a) the FSDP2-only baseline, (b) each technique added to it alone, the techniques stacked, (c) candidate
-best layouts (megatron_regdpo/capacity/experiment.py). Each row is a capacity-planner frame search; one JSON
+best layouts (megatron_regdpo/experiments/capacity.py). Each row is a capacity-planner frame search; one JSON
 line per row is appended to --out and a markdown table is printed. --hints ROW:LATENT,...: start a row's
 search at that many latent frames (e.g. an earlier answer; two plans when it is still the answer).
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 def _one(args):
     index, total_gib, reserve_gib, hint = args
     warnings.filterwarnings("ignore")
-    from megatron_regdpo.capacity.experiment import run_variant
+    from megatron_regdpo.experiments.capacity import run_variant
     from megatron_regdpo.capacity.planner import Budget
 
     t0 = time.perf_counter()
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/capacity_14b_i2v.jsonl")
     ap.add_argument("--table", default=None, help="print the table of this JSONL (the last line per row) and exit")
     args = ap.parse_args(argv)
-    from megatron_regdpo.capacity.experiment import VARIANTS, row_from_record, table
+    from megatron_regdpo.experiments.capacity import VARIANTS, row_from_record, table
     from megatron_regdpo.capacity.planner import Budget
 
     if args.table:

@@ -4,7 +4,7 @@
 
 Per case and rank: the peak measured by torch's profiler (CPU allocator totals) over the whole run and over
 the step, the planner's prediction for the same rank (fake tensors, fake process group) and the relative
-error. Exits 1 when an error exceeds --tolerance (default 10%). Cases: megatron_regdpo/capacity/measure.py
+error. Exits 1 when an error exceeds --tolerance (default 10%). Cases: megatron_regdpo/experiments/planner_check.py
 (0-7 megatron-core DDP layouts, 8-10 FSDP2: DP2 full fine-tuning, DP2 LoRA, CP2).
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/validate_planner.jsonl")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from megatron_regdpo.capacity.measure import SMALL, VALIDATION_CASES, validate_config
     from megatron_regdpo.config import load_config
+    from megatron_regdpo.experiments.planner_check import SMALL, VALIDATION_CASES, validate_config
 
     picked = range(len(VALIDATION_CASES)) if args.cases is None else [int(i) for i in args.cases.split(",")]
     rows, worst = [], 0.0

@@ -31,13 +31,13 @@ HOST = "host"  # host-memory copies (the cpu_swap reference): tracked, never par
 _SCALAR_READS = {torch.ops.aten._local_scalar_dense.default}
 
 
-def _inner_tensors(t: torch.Tensor) -> list:
+def inner_tensors(t: torch.Tensor) -> list:
     """The tensors holding `t`'s memory: `t` itself, or a wrapper subclass's inner tensors (a DTensor's local
     shard; the wrapper's own storage is a data-less stand-in of the global size)."""
     if not is_traceable_wrapper_subclass(t):
         return [t]
     inner = (getattr(t, name) for name in t.__tensor_flatten__()[0])
-    return [i for x in inner if isinstance(x, torch.Tensor) for i in _inner_tensors(x)]
+    return [i for x in inner if isinstance(x, torch.Tensor) for i in inner_tensors(x)]
 
 
 def _round_up(n: int, granule: int) -> int:
@@ -86,7 +86,7 @@ class MemoryTracker(TorchDispatchMode):
     def move(self, tensors, category: str) -> None:
         """Re-count already tracked tensors under another category (e.g. host copies made on the
         simulation's CPU device)."""
-        for t in (i for leaf in tree_leaves(tensors) if isinstance(leaf, torch.Tensor) for i in _inner_tensors(leaf)):
+        for t in (i for leaf in tree_leaves(tensors) if isinstance(leaf, torch.Tensor) for i in inner_tensors(leaf)):
             record = self._seen.get(t.untyped_storage())
             if record is not None and record[0] != category:
                 self.current[record[0]] -= record[1]
@@ -100,7 +100,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def _add(self, t: torch.Tensor, category: str) -> None:
         if is_traceable_wrapper_subclass(t):
-            for inner in _inner_tensors(t):
+            for inner in inner_tensors(t):
                 self._add(inner, category)
             return
         if t.layout != torch.strided or t.device.type != self.device_type:

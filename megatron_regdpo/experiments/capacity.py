@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from megatron_regdpo.capacity.planner import Budget, FrameSearch, max_frames
 from megatron_regdpo.config import load_config
-
-from .planner import Budget, FrameSearch, max_frames
 
 RECIPE = "recipes/base/wan_14b_i2v.yaml"
 WORLD = 8
@@ -74,7 +73,7 @@ def run_variant(index: int, budget: Budget, hint: int | None = None) -> Row:
 
 def row_from_record(record: dict) -> Row:
     """A Row back from its JSON line (tools/capacity_experiment.py --table)."""
-    from .simulate import StepMemory
+    from megatron_regdpo.capacity.simulate import StepMemory
 
     search = dict(record["search"])
     for key in ("plan", "over"):

@@ -40,13 +40,12 @@ def _micro_batches(arch: WanArch, pairs: list[int]) -> list[dict]:
 def measure_layout(name: str, layout: dict, world: int) -> dict:
     from megatron_regdpo.models.wan.build import build_wan
     from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
+    from megatron_regdpo.parallel.comm_count import count_collectives
+    from megatron_regdpo.parallel.comm_model import StepShape, expected_bytes
+    from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
+    from megatron_regdpo.parallel.groups import init_distributed
+    from megatron_regdpo.parallel.pipeline import forward_backward
     from megatron_regdpo.training.step import make_forward_step
-
-    from .comm_count import count_collectives
-    from .comm_model import StepShape, expected_bytes
-    from .data_parallel import wrap_data_parallel
-    from .groups import init_distributed
-    from .pipeline import forward_backward
 
     tp, pp, cp, sp = layout.get("tp", 1), layout.get("pp", 1), layout.get("cp", 1), layout.get("sp", False)
     arch = ARCH if layout.get("task", "t2v") == "t2v" else dataclasses.replace(
@@ -80,7 +79,7 @@ def measure_layout(name: str, layout: dict, world: int) -> dict:
 
 def run_layouts(rank: int, world: int, names: list[str]) -> list[dict]:
     """Spawned-world entry point: measure every named layout whose size is `world`."""
-    from .groups import destroy_distributed, init_distributed
+    from megatron_regdpo.parallel.groups import destroy_distributed, init_distributed
 
     init_distributed(rank=rank, world_size=world)
     try:

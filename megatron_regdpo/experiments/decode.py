@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .decode import DecodeOptions, VideoDecoder
-from .decode.dali_backend import dali_available, nvdec_available
-from .decode.synth import write_video
+from megatron_regdpo.data.decode import DecodeOptions, VideoDecoder
+from megatron_regdpo.data.decode.dali_backend import dali_available, nvdec_available
+from megatron_regdpo.data.decode.synth import write_video
 
 SOURCES = {"480p": (832, 480), "720p": (1280, 720)}  # name -> (width, height)
 
@@ -59,7 +59,7 @@ def bench_decoders(workdir: Path, sources: dict, frames: int, fps: float, short_
 
 
 def bench_vae(label: str, vae, frames: int, height: int, width: int, repeats: int) -> dict:
-    from .encode import WanVAE
+    from megatron_regdpo.data.encode import WanVAE
 
     enc = WanVAE(vae)
     video_BCTHW = torch.rand(1, 3, frames, height, width) * 2 - 1
@@ -74,7 +74,7 @@ def run_bench(workdir: str | Path, out_jsonl: str | Path | None = None, sources:
     """Decoder rows for each source, a tiny-VAE row and (real_vae_frames > 0) a Wan2.1-VAE-architecture row."""
     from diffusers import AutoencoderKLWan
 
-    from .encode.tiny import TINY_VAE
+    from megatron_regdpo.data.encode.tiny import TINY_VAE
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

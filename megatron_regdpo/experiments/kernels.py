@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .sq_err.function import per_sample_sq_err_sum, resolve_backend
+from kernels.sq_err.function import per_sample_sq_err_sum, resolve_backend
 
 
 def machine() -> dict:

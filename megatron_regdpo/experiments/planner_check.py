@@ -19,10 +19,10 @@ MARKER_BYTES = 40_961  # an allocation of this odd size marks the start of the s
 
 def live_tensor_bytes() -> int:
     """Bytes of the unique storages of every tensor the garbage collector can reach."""
-    from .tracker import _inner_tensors
+    from megatron_regdpo.capacity.tracker import inner_tensors
 
     seen, total = set(), 0
-    tensors = (i for obj in gc.get_objects() if isinstance(obj, torch.Tensor) for i in _inner_tensors(obj))
+    tensors = (i for obj in gc.get_objects() if isinstance(obj, torch.Tensor) for i in inner_tensors(obj))
     for t in tensors:  # a DTensor's memory is its local shard's
         if t.layout == torch.strided and t.device.type == "cpu":
             st = t.untyped_storage()
@@ -56,10 +56,9 @@ def measure_rank(rank: int, world: int, payload: dict) -> dict:
     """Spawned-rank entry (parallel/spawn.py): the real step under the profiler, and this rank's plan."""
     from torch.profiler import ProfilerActivity, profile
 
+    from megatron_regdpo.capacity.simulate import simulate_step
     from megatron_regdpo.config import from_dict
     from megatron_regdpo.parallel.groups import destroy_distributed, groups_from_config
-
-    from .simulate import simulate_step
 
     cfg = from_dict(payload["cfg"])
     marks = {}
@@ -127,9 +126,8 @@ VALIDATION_CASES = (
 def measure_cuda_step(cfg) -> dict:
     """On one GPU: the real step's peak (torch.cuda.max_memory_allocated from the start of the step) and
     the plan of the same config. For the planner's GPU validation (tests/gpu/test_planner_gpu.py)."""
+    from megatron_regdpo.capacity.simulate import simulate_step
     from megatron_regdpo.parallel.groups import destroy_distributed, distributed_session
-
-    from .simulate import simulate_step
 
     with distributed_session(world_size=1) as pg:
         real = simulate_step(cfg, 1, fake=False, pg=pg, device="cuda",

@@ -2,7 +2,7 @@
 collective by collective, for the 2-rank layouts (tools/bench_comm.py covers all of them)."""
 import pytest
 
-from megatron_regdpo.parallel.comm_bench import run_layouts
+from megatron_regdpo.experiments.comm import run_layouts
 from megatron_regdpo.parallel.spawn import run_world
 
 pytestmark = pytest.mark.distributed

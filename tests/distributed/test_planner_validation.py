@@ -1,7 +1,7 @@
 """The capacity planner against measured memory: real steps on spawned gloo ranks under torch's profiler
 (CPU allocator totals) vs the fake-tensor plan of the same config and rank, within 10% (FSDP2: 5%).
 
-Cases (megatron_regdpo/capacity/measure.py): one rank, full fine-tuning with a resident reference; one
+Cases (megatron_regdpo/experiments/planner_check.py): one rank, full fine-tuning with a resident reference; one
 rank, LoRA with full recompute (where the plan once exposed adapters left without gradients, and a frozen
 linear's strided backward); two ranks, TP2 + sequence parallelism, bf16, selective recompute; two ranks, FSDP2 (parallel.fsdp) full
 fine-tuning with the resident reference sharded like the policy. tools/validate_planner.py runs all of them.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_regdpo.capacity.measure import SMALL, VALIDATION_CASES, validate_config
+from megatron_regdpo.experiments.planner_check import SMALL, VALIDATION_CASES, validate_config
 from megatron_regdpo.config import load_config
 
 pytestmark = pytest.mark.distributed

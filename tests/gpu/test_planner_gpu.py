@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_plan_within_10_percent_of_cuda_peak_1_3b(recompute):
     import torch.distributed as dist
 
-    from megatron_regdpo.capacity.measure import measure_cuda_step
+    from megatron_regdpo.experiments.planner_check import measure_cuda_step
     from megatron_regdpo.config import load_config
 
     if dist.is_initialized():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_regdpo.config import load_config
-from megatron_regdpo.training.bench import expand_sweep, run_point
+from megatron_regdpo.experiments.throughput import expand_sweep, run_point
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes/debug/tiny_cpu.yaml")

@@ -1,6 +1,6 @@
 """(a) The environment: the device, the versions that matter, and the two ceilings later steps are
 measured against: a bf16 matrix product's TFLOP/s (random data, never zeros) and a device-to-device copy's
-GB/s (bytes read plus written; kernels/bench.py's copy, the one the kernel benchmark compares with)."""
+GB/s (bytes read plus written; experiments/kernels.py's copy, the one the kernel benchmark compares with)."""
 from __future__ import annotations
 
 import importlib
@@ -12,7 +12,7 @@ import platform
 
 import torch
 
-from kernels.bench import copy_gbs
+from megatron_regdpo.experiments.kernels import copy_gbs
 
 from .timing import median_seconds
 

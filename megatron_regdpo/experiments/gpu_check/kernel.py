@@ -1,5 +1,5 @@
 """(c) The Triton per-sample squared-error kernel (kernels/sq_err): correct against torch, and its
-bandwidth against a device copy (kernels/bench.py's floor bytes and copy; goal >= 0.85 of the copy).
+bandwidth against a device copy (experiments/kernels.py's floor bytes and copy; goal >= 0.85 of the copy).
 
 Correctness, per (N, M) and dtype, through the public autograd entry with backend="triton": sums against
 the float64 reference (relative 1e-5: both accumulate in >= fp32, in another order), bitwise the same on
@@ -50,8 +50,8 @@ def check_case(N: int, M: int, dtype: torch.dtype, device: str, seed: int) -> di
 
 def kernel_check(device: str, shapes, bench_m, iters: int) -> dict:
     """Everything (c) measures on `device` (CUDA, or the CPU under TRITON_INTERPRET=1)."""
-    from kernels.bench import bench_sq_err
     from kernels.capability import triton_status
+    from megatron_regdpo.experiments.kernels import bench_sq_err
 
     usable, why = triton_status(device)
     if not usable:

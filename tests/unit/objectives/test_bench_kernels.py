@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.bench import bench_sq_err, floor_bytes, format_table
+from megatron_regdpo.experiments.kernels import bench_sq_err, floor_bytes, format_table
 
 ROOT = Path(__file__).resolve().parents[3]
 
