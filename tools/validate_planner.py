@@ -5,7 +5,8 @@
 Per case and rank: the peak measured by torch's profiler (CPU allocator totals) over the whole run and over
 the step, the planner's prediction for the same rank (fake tensors, fake process group) and the relative
 error. Exits 1 when an error exceeds --tolerance (default 10%). Cases: megatron_regdpo/experiments/planner_check.py
-(0-7 megatron-core DDP layouts, 8-10 FSDP2: DP2 full fine-tuning, DP2 LoRA, CP2).
+(0-7 megatron-core DDP layouts, 8-10 FSDP2: DP2 full fine-tuning, DP2 LoRA, CP2; 11-12 activation
+offloading: one rank LoRA, FSDP2 CP2).
 """
 from __future__ import annotations
 

@@ -31,13 +31,22 @@ class Budget:
 
     total_gib: float = 79.6
     reserve_gib: float = 4.0
+    host_gib: float = 250.0   # host memory per GPU for offloaded activations and a cpu_swap reference (2 TB / 8)
 
     @property
     def usable(self) -> int:
         return int((self.total_gib - self.reserve_gib) * GiB)
 
+    @property
+    def host_usable(self) -> int:
+        return int(self.host_gib * GiB)
+
+    def fits(self, mem: StepMemory) -> bool:
+        return mem.peak <= self.usable and mem.host_peak <= self.host_usable
+
     def describe(self) -> str:
-        return f"{self.total_gib:g} GiB card - {self.reserve_gib:g} GiB reserve = {self.usable / GiB:.1f} GiB for tensors"
+        return (f"{self.total_gib:g} GiB card - {self.reserve_gib:g} GiB reserve = {self.usable / GiB:.1f} GiB for "
+                f"tensors; {self.host_gib:g} GiB host memory per GPU")
 
 
 def planning_device() -> str:
@@ -93,7 +102,7 @@ def max_frames(cfg, world_size: int, budget: Budget, limit_latent: int = 512, hi
 
     def fits(latent: int) -> bool:
         mem = at(latent)
-        return mem is not None and mem.peak <= budget.usable
+        return mem is not None and budget.fits(mem)
 
     # peak memory is close to affine in the frame count: two plans give a guess, a few more bracket it
     lo, hi = 0, 1                      # fits(lo) (0 = nothing); hi: the first count to try above it
@@ -133,12 +142,13 @@ def format_plan(mem: StepMemory, budget: Budget | None = None) -> str:
     lines.append(f"| **total** | {sum(mem.static.get(c, 0) for c in CATEGORIES) / div:.2f} | **{mem.peak / div:.2f}** |")
     lines += ["", f"peak per phase ({unit}): " + ", ".join(f"{ph} {v / div:.2f}" for ph, v in mem.phase_peaks.items()),
               f"peak in: {mem.peak_phase}"]
-    if mem.host:
-        lines.append(f"host memory (cpu_swap reference copy): {mem.host / div:.2f} {unit} per rank")
+    if mem.host_peak:
+        lines.append(f"host memory at its peak (cpu_swap reference copy, offloaded activations): "
+                     f"{mem.host_peak / div:.2f} {unit} per rank")
     for key, how in mem.simulated_as.items():
         lines.append(f"simulated as: {key} {how}")
     lines += [f"modelled: {n}" for n in mem.notes]
     if budget is not None:
-        verdict = "fits" if mem.peak <= budget.usable else "does NOT fit"
+        verdict = "fits" if budget.fits(mem) else "does NOT fit"
         lines.append(f"budget: {budget.describe()}: {verdict} ({mem.peak / GiB:.2f} GiB)")
     return "\n".join(lines)

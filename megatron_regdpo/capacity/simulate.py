@@ -53,8 +53,11 @@ class StepMemory:
     phase_peaks: dict
     phase_breakdowns: dict
     static: dict
-    host: int
+    host: int                       # host memory before the step (the cpu_swap reference's copy)
     peak_overall: int               # including the build (what a profiler of the whole run sees)
+    host_peak: int = 0              # host memory at its highest during the step (+ offloaded activations)
+    peak_with_host: int = 0         # device + host at their highest together in the step (one pool on a CPU)
+    peak_with_host_overall: int = 0  # the same, including the build
     simulated_as: dict = dataclasses.field(default_factory=dict)   # what ran in place of what was configured
     sizes: dict = dataclasses.field(default_factory=dict)          # per-layer counts for capacity/analytic.py (FP8)
     notes: list = dataclasses.field(default_factory=list)
@@ -129,12 +132,16 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
     dtype = DTYPES[cfg.precision.params_dtype]
     mode = cfg.objective.reference.mode
 
-    def build_base(init: bool = False):
+    def build_base(init: bool = False, policy: bool = False):
         return build_wan(arch, pg, parallel=cfg.parallel, params_dtype=dtype, fp8=cfg.precision.fp8,
-                         backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init).to(device)
+                         backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init,
+                         offload_activations=policy and cfg.model.offload_activations).to(device)
 
     with tracker.stage("build", "weights"):
-        model = build_base()
+        model = build_base(policy=True)
+        offload = model.activation_offload
+        if offload is not None:  # offloaded activations are host memory, measured as allocated
+            offload.host_allocation = lambda: tracker.stage(tracker.phase, HOST)
         if on_built is not None:
             on_built(model)
         if cfg.lora.rank > 0:
@@ -192,8 +199,11 @@ def _step(cfg, arch, layout, pg, tracker: MemoryTracker, on_step_start=None, dev
     return StepMemory(rank=0, world_size=layout.world_size, layout=describe, tokens=layout.tokens,
                       peak=tracker.peak, peak_phase=tracker.peak_phase, breakdown=dict(tracker.peak_breakdown),
                       phase_peaks=dict(tracker.phase_peaks), phase_breakdowns=dict(tracker.phase_breakdowns),
-                      static=static, host=tracker.current[HOST],
-                      peak_overall=tracker.peak_overall, sizes=sizes)
+                      static=static, host=static[HOST], peak_overall=tracker.peak_overall, sizes=sizes,
+                      # on a GPU the tracker sees device storages only: the offloader counts its own host bytes
+                      host_peak=tracker.peak_host + (offload.peak_host_bytes if offload and device.type != "cpu"
+                                                     else 0),
+                      peak_with_host=tracker.peak_with_host, peak_with_host_overall=tracker.peak_with_host_overall)
 
 
 @contextmanager

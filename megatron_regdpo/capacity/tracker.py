@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary, weakref
 
 CATEGORIES = ("weights", "grads", "optimizer", "activations", "reference")
-HOST = "host"  # host-memory copies (the cpu_swap reference): tracked, never part of the device total
+HOST = "host"  # host memory (the cpu_swap reference, offloaded activations): tracked, never in the device total
 _SCALAR_READS = {torch.ops.aten._local_scalar_dense.default}
 
 
@@ -55,6 +55,8 @@ class MemoryTracker(TorchDispatchMode):
         self.phase = "setup"
         self.current = dict.fromkeys((*CATEGORIES, HOST), 0)
         self.peak = self.peak_overall = 0
+        # host memory at its highest, and device + host at their highest together (one pool on a CPU)
+        self.peak_host = self.peak_with_host = self.peak_with_host_overall = 0
         self.peak_breakdown = dict.fromkeys(CATEGORIES, 0)
         self.peak_phase = "setup"
         self.phase_peaks: dict[str, int] = {}
@@ -92,11 +94,13 @@ class MemoryTracker(TorchDispatchMode):
                 self.current[record[0]] -= record[1]
                 self.current[category] += record[1]
                 record[0] = category
+                self._note_peak()
 
     def reset_peak(self) -> None:
         """Start the step's peak from now (the overall peak, `peak_overall`, is kept)."""
         self.peak, self.peak_breakdown, self.peak_phase = self.total, dict(self.current), self.phase
         self.phase_peaks, self.phase_breakdowns = {}, {}
+        self.peak_host, self.peak_with_host = self.current[HOST], self.total + self.current[HOST]
 
     def _add(self, t: torch.Tensor, category: str) -> None:
         if is_traceable_wrapper_subclass(t):
@@ -115,7 +119,10 @@ class MemoryTracker(TorchDispatchMode):
         self._note_peak()
 
     def _note_peak(self) -> None:
-        total = self.total
+        total, host = self.total, self.current[HOST]
+        self.peak_host = max(self.peak_host, host)
+        self.peak_with_host = max(self.peak_with_host, total + host)
+        self.peak_with_host_overall = max(self.peak_with_host_overall, total + host)
         self.peak_overall = max(self.peak_overall, total)
         if total > self.peak:
             self.peak, self.peak_breakdown, self.peak_phase = total, dict(self.current), self.phase

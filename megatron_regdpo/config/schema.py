@@ -63,6 +63,9 @@ class ModelConfig(_Section):
     freq_dim: int | None = None
     task: Literal["t2v", "i2v"] | None = None
     recompute: Literal["none", "selective", "full"] = "none"
+    # full recompute only: each layer's saved input goes to (pinned) host memory in the forward and comes back
+    # for its recompute (parallel/offload.py); bitwise the same step, the device keeps one layer's activations
+    offload_activations: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,28 @@ class LoggingConfig(_Section):
 
 
 @dataclass(frozen=True)
+class EvalVideosConfig(_Section):
+    """Validation videos (training/eval_videos.py): policy and reference sampled from the same noise."""
+
+    count: int = 0                   # videos per evaluation; 0 = none
+    interval: int = 0                # steps between them; 0 = eval.interval
+    prompts_file: str | None = None  # T2V: one prompt per line; None = the first `count` held-out clips
+    steps: int = 20                  # solver steps (Wan's pipelines default to 50)
+    guidance: float = 5.0            # classifier-free guidance; <= 1 = conditional pass only
+    solver: Literal["unipc", "euler"] = "unipc"
+    shift: float = 5.0               # the sampler's flow shift (Wan2.1: 5.0 at 720p, 3.0 at 480p)
+    reference: bool = True           # sample the reference beside the policy
+    # the flow-matching error of policy and reference on the held-out real clips at these noise levels
+    # (sigma in (0, 1)); empty = not computed
+    fm_sigmas: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
 class EvalConfig(_Section):
     interval: int = 0        # steps between evaluations; 0 = never
     holdout_pairs: int = 0   # the last N pairs of the store's pair index, never trained on
+    videos: EvalVideosConfig = field(default_factory=EvalVideosConfig)
+    clip: str | None = None  # a local CLIP folder (CLIPModel + its processor): CLIP text-video score of the videos
 
 
 @dataclass(frozen=True)

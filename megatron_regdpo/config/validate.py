@@ -63,6 +63,40 @@ def video_tokens(frames: int, height: int, width: int) -> tuple[int, tuple[int, 
     return latent[0] * (latent[1] // PATCH_HW) * (latent[2] // PATCH_HW), latent
 
 
+def eval_videos_errors(cfg: Config) -> list[str]:
+    """eval.videos and eval.clip (training/eval_videos.py)."""
+    ev, vid = cfg.eval, cfg.eval.videos
+    errors: list[str] = []
+    if vid.count < 0 or vid.interval < 0 or vid.steps < 1:
+        errors.append(f"eval.videos.count={vid.count} and .interval={vid.interval} must be >= 0, "
+                      f".steps={vid.steps} >= 1")
+    if any(not 0 < s < 1 for s in vid.fm_sigmas):
+        errors.append(f"eval.videos.fm_sigmas={list(vid.fm_sigmas)}: every noise level must be in (0, 1)")
+    if vid.shift <= 0:
+        errors.append(f"eval.videos.shift must be > 0, got {vid.shift}")
+    if ev.clip is not None and not Path(ev.clip).is_dir():
+        errors.append(f"eval.clip={ev.clip} is not a folder (want a local CLIPModel folder with its processor)")
+    if vid.count <= 0:
+        return errors
+    if (vid.interval or ev.interval) <= 0:
+        errors.append(f"eval.videos.count={vid.count} needs a step interval: eval.videos.interval or "
+                      f"eval.interval > 0 (both are 0)")
+    if vid.prompts_file is None and ev.holdout_pairs == 0:
+        errors.append(f"eval.videos.count={vid.count} samples held-out clips (eval.videos.prompts_file is "
+                      f"null): set eval.holdout_pairs > 0, or give a prompts file")
+    if vid.prompts_file is not None and not Path(vid.prompts_file).is_file():
+        errors.append(f"eval.videos.prompts_file={vid.prompts_file} does not exist")
+    if cfg.parallel.pp > 1:
+        errors.append(f"eval.videos needs parallel.pp=1 (got pp={cfg.parallel.pp}): the sampler runs "
+                      f"2 x eval.videos.steps forwards of the whole model in sequence on each replica; "
+                      f"sample the checkpoints offline with tools/sample_videos.py, or set eval.videos.count=0")
+    if vid.reference and cfg.objective.reference.mode == "cached" and cfg.lora.rank == 0:
+        errors.append("eval.videos.reference=true: objective.reference.mode='cached' keeps no reference model "
+                      "in a full fine-tune (lora.rank=0); set eval.videos.reference=false or sample the base "
+                      "offline with tools/sample_videos.py --reference BASE_CKPT")
+    return errors
+
+
 def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layout:
     """Check `cfg` against the world size (and the resolved architecture, when given).
 
@@ -90,6 +124,10 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
     if vpp is not None:  # (Layout and describe() keep the interleaved split for when the trainer runs it)
         errors.append(f"parallel.virtual_pp={vpp} is not supported: the trainer builds one model chunk per "
                       f"pipeline stage, not the interleaved schedule's virtual stages (docs/architecture.md); unset it")
+
+    if cfg.model.offload_activations and cfg.model.recompute != "full":
+        errors.append(f"model.offload_activations needs model.recompute=full (it offloads the layer inputs that "
+                      f"full recompute keeps), got model.recompute={cfg.model.recompute}")
 
     # --- architecture split
     layers_per_stage: tuple[int, ...] = ()
@@ -165,6 +203,7 @@ def validate(cfg: Config, world_size: int, arch: ArchLike | None = None) -> Layo
                       f"{cfg.eval.holdout_pairs}")
     if cfg.eval.interval > 0 and cfg.eval.holdout_pairs == 0:
         errors.append(f"eval.interval={cfg.eval.interval} needs held-out pairs (eval.holdout_pairs > 0)")
+    errors += eval_videos_errors(cfg)
     if cfg.logging.interval < 1:
         errors.append(f"logging.interval must be >= 1, got {cfg.logging.interval}")
     if cfg.objective.sft_mode == "dgr" and cfg.objective.sft_weight != 1.0:

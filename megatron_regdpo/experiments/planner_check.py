@@ -75,10 +75,10 @@ def measure_rank(rank: int, world: int, payload: dict) -> dict:
     destroy_distributed()
     measured = measured_peaks(prof, marks["live"])
     planned = simulate_step(cfg, world, rank, fake=True, granule=1)
-    host = planned.host  # on a CPU the cpu_swap reference's host copy is in the same memory: count it here
+    # on a CPU host memory (the cpu_swap reference's copy, offloaded activations) is the same pool: count both
     return {"rank": rank, "measured": measured,
-            "planned": {"whole_run": planned.peak_overall + host, "step": planned.peak + host},
-            "tracked_real": {"whole_run": real.peak_overall + host, "step": real.peak + host},
+            "planned": {"whole_run": planned.peak_with_host_overall, "step": planned.peak_with_host},
+            "tracked_real": {"whole_run": real.peak_with_host_overall, "step": real.peak_with_host},
             "planned_breakdown": planned.breakdown,
             "layout": planned.layout, "tokens": planned.tokens}
 
@@ -120,6 +120,13 @@ VALIDATION_CASES = (
       "objective.reference.mode=lora_base")),
     ("FSDP2 CP2, bf16, full FT, resident reference, full recompute", 2,
      ("parallel.fsdp=true", "parallel.cp=2", "precision.params_dtype=bf16", "model.recompute=full")),
+    # the layer inputs offloaded to host memory (on a CPU the same pool: planned device + host together)
+    ("LoRA r8, bf16, lora_base, full recompute, offloaded activations", 1,
+     ("precision.params_dtype=bf16", "lora.rank=8", "objective.reference.mode=lora_base", "model.recompute=full",
+      "model.offload_activations=true")),
+    ("FSDP2 CP2, bf16, full FT, full recompute, offloaded activations", 2,
+     ("parallel.fsdp=true", "parallel.cp=2", "precision.params_dtype=bf16", "model.recompute=full",
+      "model.offload_activations=true")),
 )
 
 

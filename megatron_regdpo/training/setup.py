@@ -127,12 +127,13 @@ def build_run(cfg, pg) -> TrainingRun:
     if errors:
         raise InputMismatch(errors)
 
-    def build_base(init: bool) -> torch.nn.Module:
+    def build_base(init: bool, policy: bool = False) -> torch.nn.Module:
         return build_wan(arch, pg, parallel=cfg.parallel, params_dtype=dtype, fp8=cfg.precision.fp8,
-                         backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init).to(device)
+                         backend=cfg.model.backend, recompute=cfg.model.recompute, init_weights=init,
+                         offload_activations=policy and cfg.model.offload_activations).to(device)
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every run of this config
-    model = build_base(init=cfg.checkpoint.load is None)
+    model = build_base(init=cfg.checkpoint.load is None, policy=True)
     if cfg.checkpoint.load is not None:
         load_model(model, cfg.checkpoint.load)                      # the base (pretrained) weights
     if cfg.lora.rank > 0:

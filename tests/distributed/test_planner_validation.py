@@ -4,7 +4,8 @@
 Cases (megatron_regdpo/experiments/planner_check.py): one rank, full fine-tuning with a resident reference; one
 rank, LoRA with full recompute (where the plan once exposed adapters left without gradients, and a frozen
 linear's strided backward); two ranks, TP2 + sequence parallelism, bf16, selective recompute; two ranks, FSDP2 (parallel.fsdp) full
-fine-tuning with the resident reference sharded like the policy. tools/validate_planner.py runs all of them.
+fine-tuning with the resident reference sharded like the policy; one rank with activation offloading (device and
+host memory are one pool on a CPU: the plan counts both). tools/validate_planner.py runs all of them.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from megatron_regdpo.config import load_config
 pytestmark = pytest.mark.distributed
 
 
-CASES = (0, 1, 2, 8)
+CASES = (0, 1, 2, 8, 11)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[VALIDATION_CASES[i][0] for i in CASES])

@@ -129,10 +129,12 @@ def test_recompute_modes_give_identical_steps(store, tmp_path):
     from megatron_regdpo.train import main
 
     runs = {}
-    for mode in ("none", "selective", "full"):
-        assert main(_args(store, tmp_path / mode, 2, f"model.recompute={mode}")) == 0
+    for mode in ("none", "selective", "full", "full+offload"):  # offload: the layer inputs in host memory
+        extra = ["model.recompute=full", "model.offload_activations=true"] if mode == "full+offload" else \
+            [f"model.recompute={mode}"]
+        assert main(_args(store, tmp_path / mode, 2, *extra)) == 0
         runs[mode] = [(m["loss/total"], m["optim/grad_norm"]) for m in _metrics(tmp_path / mode)]
-    assert runs["none"] == runs["selective"] == runs["full"]
+    assert runs["none"] == runs["selective"] == runs["full"] == runs["full+offload"]
 
 
 def test_eval_scores_held_out_pairs(store, tmp_path):

@@ -1,8 +1,9 @@
 """build_wan: the one function that turns an architecture + config sections into this rank's model.
 
 Order (torchtitan's): choose the layer spec (te|local, FP8 capability comes with te; full recompute is a
-property of the layer, see layer.py), build the stage's modules with TP-sharded linears; LoRA and
-data-parallel wrapping follow in the trainer's setup.
+property of the layer, see layer.py), build the stage's modules with TP-sharded linears, attach activation
+offloading to the layers (parallel/offload.py; `model.activation_offload`); LoRA and data-parallel wrapping
+follow in the trainer's setup.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from megatron_regdpo.config.mcore import transformer_config
+from megatron_regdpo.parallel.offload import ActivationOffload
 
 from .arch import WanArch
 from .model import WanModel
@@ -18,8 +20,9 @@ from .spec import wan_layer_spec
 
 def build_wan(arch: WanArch, pg_collection, parallel=None, params_dtype: torch.dtype = torch.float32,
               fp8: str = "none", backend: str = "local", recompute: str = "none", init_weights: bool = True,
-              vp_stage=None) -> WanModel:
-    """This rank's stage of the model. `init_weights=False` leaves weights uninitialised (to be loaded)."""
+              vp_stage=None, offload_activations: bool = False) -> WanModel:
+    """This rank's stage of the model. `init_weights=False` leaves weights uninitialised (to be loaded).
+    `offload_activations` (full recompute): the layers' saved inputs go to host memory."""
     config = transformer_config(arch, parallel, params_dtype, fp8, recompute, init_weights)
     pp_rank = torch.distributed.get_rank(pg_collection.pp)
     pp_size = torch.distributed.get_world_size(pg_collection.pp)
@@ -31,6 +34,11 @@ def build_wan(arch: WanArch, pg_collection, parallel=None, params_dtype: torch.d
                      post_process=pp_rank == pp_size - 1, vp_stage=vp_stage)
     if not init_weights:
         _tag_tensor_parallel_weights(model)
+    model.activation_offload = None
+    if offload_activations:
+        if recompute != "full":
+            raise ValueError(f"activation offloading needs full recompute, got recompute={recompute!r}")
+        model.activation_offload = ActivationOffload().attach(model.decoder.layers)
     return model.to(config.params_dtype)
 
 

@@ -19,7 +19,7 @@ def linear_plan(monkeypatch):
     def plan(cfg, world_size):   # 1 GiB per latent frame, 10 GiB of resident state
         latent = (cfg.data.frames - 1) // 4 + 1
         calls.append(latent)
-        return types.SimpleNamespace(peak=(10 + latent) * GiB)
+        return types.SimpleNamespace(peak=(10 + latent) * GiB, host_peak=2 * latent * GiB)  # + offloaded inputs
 
     monkeypatch.setattr(planner, "plan", plan)
     return calls
@@ -32,3 +32,10 @@ def test_hint_changes_the_cost_not_the_answer(linear_plan, hint):
     assert found.frames == 4 * 49 + 1 and found.over_frames == 4 * 50 + 1
     if hint == 50:
         assert linear_plan == [50, 51]
+
+
+def test_host_memory_budget_binds_too(linear_plan):
+    """Offloaded activations grow with the clip in host memory: the budget's host share limits the answer."""
+    cfg = load_config("recipes/debug/tiny_cpu.yaml", [])
+    found = planner.max_frames(cfg, 1, planner.Budget(60.5, 0.0, host_gib=60.0))   # 30 latent frames: 60 GiB
+    assert found.frames == 4 * 29 + 1 and found.over_frames == 4 * 30 + 1
