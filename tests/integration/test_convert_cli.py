@@ -354,9 +354,12 @@ def test_process_group_survives_cli_calls(pg, conversions):
     assert parallel_state.model_parallel_is_initialized()
 
 
-def test_adapter_out_of_a_full_fine_tune_is_refused_before_writing(pg, conversions, tmp_path):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_adapter_out_of_a_full_fine_tune_is_refused_before_writing(pg, conversions, tmp_path, pipeline):
     c = conversions("t2v")  # an imported (full) model: no LoRA adapters
-    rc, out, err = _run_cli(["export", "--ckpt", c.ckpt, "--out", tmp_path / "hf", "--adapter-out", tmp_path / "ad"])
+    extra = ["--pipeline-from", c.hf] if pipeline else []  # refused first, whatever the base folder
+    rc, out, err = _run_cli(["export", "--ckpt", c.ckpt, "--out", tmp_path / "hf", "--adapter-out", tmp_path / "ad",
+                             *extra])
     assert rc == 2 and err.startswith("error: --adapter-out:") and "full fine-tune" in err, err
     _assert_nothing_written(tmp_path / "hf")
     assert not (tmp_path / "ad").exists()

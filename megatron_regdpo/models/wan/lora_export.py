@@ -3,14 +3,18 @@
 Runs on one full model (TP1/PP1): load the training checkpoint there (`load_lora_checkpoint`;
 dist_checkpointing reshards any layout), then export.
 
-The adapter file is what diffusers' `WanLoraLoaderMixin.save_lora_weights` writes and what
-`pipe.load_lora_weights(dir)` / `transformer.load_lora_adapter(file, prefix="transformer")` read:
+The adapter file is what diffusers' `WanLoraLoaderMixin.save_lora_weights` writes:
 `<dir>/pytorch_lora_weights.safetensors` with keys `transformer.blocks.{i}.attn1.to_q.lora_A.weight` and a
 `lora_adapter_metadata` JSON entry holding PEFT's LoraConfig (`transformer.r`, `transformer.lora_alpha`,
 `transformer.target_modules`). The scale alpha/r is folded into lora_B and the config says lora_alpha = r
 (scale 1): every loader then applies the same update, including `load_lora_adapter(file)`, which ignores the
 metadata and assumes scale 1 (with alpha != r an unfolded export was off by 0.8 relative there). The trained
-alpha is kept for the record in the file's `megatron_regdpo` metadata entry.
+alpha is kept for the record in the file's `megatron_regdpo` metadata entry. Tested to give our output
+(tests/distributed/test_lora_loaders.py): `pipe.load_lora_weights(dir)`, and on the transformer
+`load_lora_adapter(file)`, `(file, use_safetensors=True)`, `(dir, use_safetensors=True)` and
+`(dir, weight_name="pytorch_lora_weights.safetensors")`, and `load_lora_adapter(dir)`: given a folder alone,
+diffusers 0.42 reads `pytorch_lora_weights.bin`, so the same tensors are written there too (plain tensors,
+loaded with weights_only; the folded scale needs no metadata).
 
 Our fused projections are unfused through the conversion table: lora_A acts on the input, which q, k and v
 share, so each of diffusers' to_q/to_k/to_v gets the same A; B's rows split per head like W's
@@ -36,6 +40,7 @@ from .convert import FAMILY, arch_from_meta
 from .mapping import wan_rules
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+ADAPTER_FILE_PICKLED = "pytorch_lora_weights.bin"   # diffusers' LORA_WEIGHT_NAME (a folder alone reads it)
 METADATA_KEY = "lora_adapter_metadata"              # diffusers' LORA_ADAPTER_METADATA_KEY
 PREFIX = "transformer"                               # WanLoraLoaderMixin.transformer_name
 
@@ -121,11 +126,14 @@ def peft_metadata(model, tensors: dict[str, torch.Tensor], prefix: str = PREFIX)
 
 
 def write_peft_adapter(model, arch: WanArch, out_dir: str | Path) -> Path:
-    """`<out_dir>/pytorch_lora_weights.safetensors`, loadable by `pipe.load_lora_weights(out_dir)`."""
+    """`<out_dir>/pytorch_lora_weights.safetensors`, loadable by `pipe.load_lora_weights(out_dir)`, and the
+    same tensors as `pytorch_lora_weights.bin`: diffusers' `load_lora_adapter(out_dir)` given only the folder
+    reads that name (0.42); the scale is folded into lora_B, so the file needs no metadata."""
     out_dir = Path(out_dir)
-    path = out_dir / ADAPTER_FILE
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    path, pickled = out_dir / ADAPTER_FILE, out_dir / ADAPTER_FILE_PICKLED
+    for existing in (path, pickled):
+        if existing.exists():
+            raise FileExistsError(f"{existing} exists; refusing to overwrite it")
     tensors = peft_adapter_tensors(model, arch)
     meta = peft_metadata(model, tensors)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +142,9 @@ def write_peft_adapter(model, arch: WanArch, out_dir: str | Path) -> Path:
             "scale_folded_into_lora_B": lora_meta(model)["alpha"] / lora_meta(model)["rank"]}
     save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True),
                                            "megatron_regdpo": json.dumps(ours, sort_keys=True)})
+    tmp_bin = pickled.with_name(pickled.name + ".partial")
+    torch.save({k: v.contiguous() for k, v in tensors.items()}, tmp_bin)  # plain tensors: weights_only loads it
+    tmp_bin.rename(pickled)
     tmp.rename(path)
     return path
 
