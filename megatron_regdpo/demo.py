@@ -3,18 +3,20 @@
 1. make a few small clips (VP9 and H.264) with captions;
 2. preprocess them on 2 ranks (torchrun; the clips split between them): decode (DALI or PyAV per codec),
    tiny random Wan-architecture VAE and UMT5 text encoder (no downloads), zarr GT-Pair store;
-3. a base model (the debug Wan DiT) saved as a Megatron checkpoint, which generates the negatives;
+3. a base model as users have it, a Wan diffusers pipeline folder (a random `debug` DiT with the tiny encoders),
+   imported as a Megatron checkpoint; it generates the negatives with the pipeline's scheduler;
    side-by-side preview mp4s of the pairs (winner left, loser right) in runs/demo/previews/;
 4. Reg-DPO for 20 steps on 2 gloo ranks with tensor parallelism (torchrun, recipes/debug/tiny_cpu_tp2.yaml),
-   LoRA on the base weights, the reference being the base with its adapters off, with checkpoints;
-5. export the last checkpoint to a diffusers folder (LoRA merged, verified against the checkpoint) and the
-   adapter alone in PEFT format, and plot the run.
+   LoRA on the base weights, the reference being the base with its adapters off, with checkpoints; every 10
+   steps validation videos of 2 held-out clips (real | reference | policy) in runs/demo/train/eval_videos/;
+5. export the last checkpoint as a whole diffusers pipeline (our transformer, LoRA merged and verified
+   against the checkpoint, with the base pipeline's VAE, text encoder, tokenizer and scheduler) and the
+   adapter alone in PEFT format; load the pipeline with diffusers and sample from it; plot the run.
 Everything lands in runs/demo/ (replaced on each run).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import shutil
@@ -55,19 +57,31 @@ def make_clips(folder: Path) -> int:
     return made
 
 
-def save_base_model(path: Path, seed: int) -> None:
+def save_base_pipeline(folder: Path, store: Path, models: Path, seed: int) -> None:
+    """The base model as users have it: a Wan diffusers pipeline folder (a random `debug`-sized transformer
+    with the store's tiny VAE and text encoder, saved by diffusers itself)."""
+    from megatron_regdpo.data.negatives import debug_arch_for
+    from megatron_regdpo.data.store import GTPairStore
+    from megatron_regdpo.models.wan.pipeline_export import save_random_pipeline
+
+    save_random_pipeline(folder, debug_arch_for(GTPairStore(store).attrs), models, seed=seed)
+
+
+def sample_exported_pipeline(folder: Path, store: Path) -> str:
+    """Load the exported pipeline with diffusers and sample 2 steps from a stored caption's embedding."""
+    import diffusers
     import torch
 
-    from megatron_regdpo.checkpoint_io.megatron_ckpt import save_model
-    from megatron_regdpo.models.wan.arch import SIZES
-    from megatron_regdpo.models.wan.build import build_wan
-    from megatron_regdpo.models.wan.convert import FAMILY
-    from megatron_regdpo.parallel.groups import distributed_session
+    from megatron_regdpo.data.store import GTPairStore
 
-    with distributed_session(world_size=1) as pg:
-        torch.manual_seed(seed)
-        model = build_wan(SIZES["debug"], pg)
-        save_model(model, path, {"family": FAMILY, "arch": dataclasses.asdict(SIZES["debug"]), "dtype": str(torch.float32)})
+    pairs = GTPairStore(store)
+    attrs, pid = pairs.attrs, next(iter(pairs.records["real"].values()))["prompt_id"]
+    text_TE, neg_TE = pairs.read_text(pid)[0].float(), pairs.read_text(attrs["negative_prompt_id"])[0].float()
+    pipe = diffusers.WanPipeline.from_pretrained(str(folder))
+    latents = pipe(prompt_embeds=text_TE[None], negative_prompt_embeds=neg_TE[None], height=64, width=64,
+                   num_frames=attrs["frames"], num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).frames
+    return f"diffusers loaded {folder} ({type(pipe).__name__}) and sampled 2 steps: latents {list(latents.shape)}"
 
 
 def main(argv=None) -> int:
@@ -93,10 +107,14 @@ def main(argv=None) -> int:
                  "--frames", "9", "--fps", "8", "--short-side", "64", "--bucket", "1:1", "--text-len", "16",
                  "--tiny-random-models", "--models-dir", str(models)], env=env):
         return 1
-    _stage(3, "base model and its negatives")
-    save_base_model(out / "base", seed=1234)
+    _stage(3, "base model (a diffusers Wan pipeline folder, imported) and its negatives")
+    save_base_pipeline(out / "base_pipeline", store, models, seed=1234)
+    rc = _tool("convert_checkpoint").main(["import", "--hf", str(out / "base_pipeline" / "transformer"),
+                                           "--out", str(out / "base")])
+    if rc:
+        return rc
     rc = _tool("make_gt_pairs").main(["generate", "--store", str(store), "--ckpt", str(out / "base"), "-k", "1",
-                                      "--steps", "4"])
+                                      "--steps", "4", "--scheduler", str(out / "base_pipeline")])
     if rc:
         return rc
     rc = _tool("make_gt_pairs").main(["preview", "--store", str(store), "--out", str(out / "previews"), "--n", "4"])
@@ -109,19 +127,23 @@ def main(argv=None) -> int:
            f"run.output_dir={out}", "run.name=train", f"schedule.train_steps={args.steps}", "checkpoint.interval=10",
            "objective.beta=50", "logging.interval=5",
            # LoRA as in the paper (rank 16 / alpha 32 at full size), reference = the base with adapters off
-           "lora.rank=4", "lora.alpha=8", "objective.reference.mode=lora_base", "optim.lr=1e-3"]
+           "lora.rank=4", "lora.alpha=8", "objective.reference.mode=lora_base", "optim.lr=1e-3",
+           # every 10 steps: held-out accuracy and validation videos (real | reference | policy) of 2 held-out clips
+           "eval.holdout_pairs=2", "eval.interval=10", "eval.videos.count=2", "eval.videos.steps=8"]
     if run_tree(cmd, env=env):  # interrupted: torchrun's ranks end too
         return 1
-    _stage(5, "export to diffusers, plot")
+    _stage(5, "export a diffusers pipeline, load it, plot")
     latest = out / "train" / "checkpoints" / (out / "train" / "checkpoints" / "latest").read_text().strip()
-    rc = _tool("convert_checkpoint").main(["export", "--ckpt", str(latest), "--out", str(out / "diffusers"), "--verify",
+    rc = _tool("convert_checkpoint").main(["export", "--ckpt", str(latest), "--out", str(out / "pipeline"),
+                                           "--pipeline-from", str(out / "base_pipeline"), "--verify",
                                            "--adapter-out", str(out / "lora_adapter")])
     if rc:
         return rc
+    print(sample_exported_pipeline(out / "pipeline", store))
     rc = _tool("plot_run").main([str(out / "train")])
     print(f"\ndemo done in {time.time() - t0:.0f} s: store {store}, run {out / 'train'} "
-          f"(metrics.jsonl, dashboard.png, checkpoints/), pair previews {out / 'previews'}, "
-          f"diffusers export {out / 'diffusers'}")
+          f"(metrics.jsonl, dashboard.png, checkpoints/, eval_videos/), pair previews {out / 'previews'}, "
+          f"diffusers pipeline {out / 'pipeline'}")
     return rc
 
 
