@@ -26,13 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def _one(args):
-    index, total_gib, reserve_gib, hint = args
+    index, total_gib, reserve_gib, host_gib, hint = args
     warnings.filterwarnings("ignore")
     from megatron_regdpo.experiments.capacity import run_variant
     from megatron_regdpo.capacity.planner import Budget
 
     t0 = time.perf_counter()
-    row = run_variant(index, Budget(total_gib, reserve_gib), hint)
+    row = run_variant(index, Budget(total_gib, reserve_gib, host_gib), hint)
     return index, row, time.perf_counter() - t0
 
 
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="rows searched in parallel (one process each)")
     ap.add_argument("--gpu-gib", type=float, default=79.6)
     ap.add_argument("--reserve-gib", type=float, default=4.0)
+    ap.add_argument("--host-gib", type=float, default=250.0, help="host memory per GPU (offloaded activations)")
     ap.add_argument("--out", default="runs/capacity_14b_i2v.jsonl")
     ap.add_argument("--table", default=None, help="print the table of this JSONL (the last line per row) and exit")
     args = ap.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
 
     picked = range(len(VARIANTS)) if args.variants is None else [int(i) for i in args.variants.split(",")]
     hints = {int(r): int(n) for r, n in (h.split(":") for h in args.hints.split(",") if h)}
-    work = [(i, args.gpu_gib, args.reserve_gib, hints.get(i)) for i in picked]
+    work = [(i, args.gpu_gib, args.reserve_gib, args.host_gib, hints.get(i)) for i in picked]
     rows = {}
     # a fresh process per row (spawn): the fake world owns torch.distributed while it runs
     with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
                 f.write(json.dumps({"date": datetime.datetime.now().isoformat(timespec="seconds"), "index": index,
                                     "seconds": seconds, **dataclasses.asdict(row)}) + "\n")
     ordered = [rows[i] for i in sorted(rows)]
-    print(f"\nWan2.1-I2V-14B, 720x1280, 8 GPUs; budget {Budget(args.gpu_gib, args.reserve_gib).describe()}")
+    print(f"\nWan2.1-I2V-14B, 720x1280, 8 GPUs; budget {Budget(args.gpu_gib, args.reserve_gib, args.host_gib).describe()}")
     print(table(ordered))
     return 0
 

@@ -66,7 +66,7 @@ def test_cpu_smoke_figures(smoke):
     step = steps["step"]["result"]
     rows = {r["config"]: r for r in step["configs"]}
     assert set(rows) == {"warmup", "lora16_full", "fullft_full", "fsdp2_fullft_full", "sweep_none", "sweep_selective",
-                         "sweep_full"}
+                         "sweep_full", "sweep_full_offload"}
     for name, row in rows.items():
         for key in ("step_s", "model_tflops", "hardware_tflops", "peak_gib", "mfu"):
             assert _positive(row[key]), (name, key, row)
@@ -74,7 +74,10 @@ def test_cpu_smoke_figures(smoke):
             assert _positive(row["planned_peak_gib"]) and abs(row["plan_rel_error"]) < 0.25, row
     assert rows["fullft_full"]["hardware_tflop"] == rows["lora16_full"]["hardware_tflop"]
     assert rows["fsdp2_fullft_full"]["hardware_tflop"] == rows["fullft_full"]["hardware_tflop"]
-    assert set(step["recompute_cost"]) == {"selective", "full"}
+    assert set(step["recompute_cost"]) == {"selective", "full", "full_offload"}
+    # offloading changes where the layer inputs live, not the work: same FLOPs, no more device memory
+    assert rows["sweep_full_offload"]["hardware_tflop"] == rows["sweep_full"]["hardware_tflop"]
+    assert rows["sweep_full_offload"]["peak_gib"] <= rows["sweep_full"]["peak_gib"]   # smoke sizes: often equal
     lean = step["lean"]
     assert len(lean["pieces"]) == 4 and all(_positive(p["lean_ms"]) for p in lean["pieces"]), lean
 

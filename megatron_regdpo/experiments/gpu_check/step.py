@@ -13,7 +13,8 @@ megatron-core's schedule, the update), with the weights filled on the device (we
   allocator has no peak counter: the tracker's peak stands in (`measured_by`).
 Configs: a warm-up (untimed figures, small clip), the headline configs at 81 frames (LoRA, full fine-tuning,
 and full fine-tuning with FSDP2 over the one GPU: its fp32 master shards, gathers and reduce-scatters, against
-the DDP row), and a recompute sweep (none / selective / full) at a frame count where no recompute still fits.
+the DDP row), and a recompute sweep (none / selective / full, and full with activation offloading: its time cost) at a
+frame count where no recompute still fits.
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ MAIN = (("lora16_full", "LoRA r16, lora_base reference, full recompute", (*LORA,
         ("fsdp2_fullft_full", "FSDP2 (one GPU), full fine-tuning, resident reference sharded, full recompute",
          (*FULL_FT, "parallel.fsdp=true")))
 SWEEP = tuple((f"sweep_{r}", f"LoRA r16, lora_base, recompute {r}", (*LORA, f"model.recompute={r}"))
-              for r in ("none", "selective", "full"))
+              for r in ("none", "selective", "full")) + (
+    ("sweep_full_offload", "LoRA r16, lora_base, full recompute, layer inputs offloaded to pinned host memory",
+     (*LORA, "model.recompute=full", "model.offload_activations=true")),)
 
 
 def _jobs(sizes) -> list[dict]:
@@ -105,7 +108,7 @@ def _recompute_cost(rows: dict) -> dict:
     if not base or "step_s" not in base:
         return {"note": "no recompute=none run to compare with"}
     out = {}
-    for r in ("selective", "full"):
+    for r in ("selective", "full", "full_offload"):
         row = rows.get(f"sweep_{r}")
         if row and "step_s" in row:
             out[r] = {"time_vs_none": row["step_s"] / base["step_s"],
