@@ -17,7 +17,8 @@ import torch
 from megatron_regdpo.data.decode.synth import write_video
 from megatron_regdpo.data.encode import tiny_models
 from megatron_regdpo.data.store import GTPairStore, check_store
-from megatron_regdpo.parallel.procs import kill_tree, run_tree
+from megatron_regdpo.experiments.data_ranks import save_debug_checkpoint
+from megatron_regdpo.parallel.procs import kill_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -97,7 +98,7 @@ def test_preprocessing_on_two_ranks_is_exactly_once_resumable_and_equal_to_one_r
     assert "on 2 ranks" in out and f"store has {N_CLIPS} real clips" in out and "skipped 1: corrupt 1" in out
     assert out.count("added") == 1                                       # one summary line, from rank 0
     assert check_store(store).ok, check_store(store).problems
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = [json.loads(line) for line in (store / "commits.jsonl").read_text().splitlines()]
     ids = [(r["kind"], r["id"]) for r in records]
     assert len(ids) == len(set(ids)) == N_CLIPS + 5 + 1   # clips, their captions, the negative prompt
     report = [json.loads(line) for line in (store / "skipped.jsonl").read_text().splitlines()]
@@ -108,25 +109,8 @@ def test_preprocessing_on_two_ranks_is_exactly_once_resumable_and_equal_to_one_r
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
 
 
-def _checkpoint(store: Path, folder: Path) -> Path:
-    code = ("import dataclasses, sys, torch\n"
-            "from megatron_regdpo.checkpoint_io.megatron_ckpt import save_model\n"
-            "from megatron_regdpo.data.negatives import debug_arch_for\n"
-            "from megatron_regdpo.data.store import GTPairStore\n"
-            "from megatron_regdpo.models.wan.build import build_wan\n"
-            "from megatron_regdpo.models.wan.convert import FAMILY\n"
-            "from megatron_regdpo.parallel.groups import distributed_session\n"
-            "arch = debug_arch_for(GTPairStore(sys.argv[1]).attrs)\n"
-            "with distributed_session() as pg:\n"
-            "    torch.manual_seed(1)\n"
-            "    save_model(build_wan(arch, pg), sys.argv[2], {'family': FAMILY, 'arch': dataclasses.asdict(arch),"
-            " 'dtype': str(torch.float32)})\n")
-    assert run_tree([PY, "-c", code, str(store), str(folder)], timeout=300, env=ENV, cwd=ROOT) == 0
-    return folder
-
-
 def test_negatives_on_two_ranks_at_dp_tp_and_cp_resumable_and_equal_to_one_rank(inputs, one_rank_store, tmp_path):
-    ckpt = _checkpoint(one_rank_store, tmp_path / "base")
+    ckpt = save_debug_checkpoint(one_rank_store, tmp_path / "base")   # a random debug Wan, in a process of its own
     stores = {}
     for name in ("one", "dp2", "tp2"):
         stores[name] = tmp_path / f"{name}.zarr"
