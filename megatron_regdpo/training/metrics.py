@@ -7,7 +7,11 @@ Names (stable: tools/plot_run.py, dashboards and alerts depend on them; see STEP
                err_pol_w, err_pol_l, err_ref_w, err_ref_l  (the objective's bare err_* names, namespaced)
   optim/       lr, grad_norm, skipped_steps
   throughput/  pairs_per_s, samples_per_s              whole job; one pair = two samples (winner, loser)
-  time/        step_s
+  time/        step_s; eval_videos_s                      (the latter at validation-video steps)
+  eval/        implicit_acc, dpo, reward_margin          held-out pairs (trainer.evaluate), at eval.interval
+               videos (a list of files), fm_err_policy, fm_err_reference (+ /sigma_S), clip_policy,
+               clip_reference, clip_real                 validation videos (eval_hook.py); videos also go to
+                                                          TensorBoard (middle frame) and W&B (the mp4)
   memory/      peak_gb                                 GiB (2**30 bytes), this rank
   step         optimizer steps done; the JSONL record adds "time" (Unix seconds when it was logged)
 
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PREFIXES = ("loss/", "dpo/", "optim/", "throughput/", "memory/", "time/")
 EVAL_PREFIX = "eval/"  # held-out evaluation (trainer.evaluate) joins the line of the steps it runs at
+VIDEOS_KEY = "eval/videos"  # validation videos (training/eval_hook.py): their files, relative to the run folder
 _BARE_OBJECTIVE_NAMES = ("err_pol_w", "err_pol_l", "err_ref_w", "err_ref_l")  # reg_dpo_metrics leaves these bare
 OBJECTIVE_NAMES = (
     "loss/total", "loss/dpo", "loss/sft",
@@ -247,6 +252,7 @@ class MetricsLogger:
         if "tensorboard" in modules:
             self._tb = modules["tensorboard"].SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         if "wandb" in modules:
+            self._wandb_module = modules["wandb"]
             self._wandb = modules["wandb"].init(project=os.environ.get("WANDB_PROJECT", "megatron_regdpo"),
                                                 name=run_name or self.run_dir.name, dir=str(self.run_dir),
                                                 config=dict(config) if config is not None else None)
@@ -275,12 +281,24 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+        if record.get(VIDEOS_KEY):
+            self._log_videos(step, record[VIDEOS_KEY])
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             if "loss/total" in record:
                 self._bar.set_postfix(loss=f"{record['loss/total']:.4f}", refresh=False)
         if step % self.cfg.interval == 0:
             self.message(format_summary(record, self.total_steps))
+
+    def _log_videos(self, step: int, files: Sequence[str]) -> None:
+        """W&B: each mp4 as a wandb.Video; TensorBoard: its middle frame as an image (TensorBoard's add_video
+        needs moviepy and writes GIFs). Tags eval/videos/<file stem>."""
+        for name in files:
+            path, tag = self.run_dir / name, f"{VIDEOS_KEY}/{Path(name).stem}"
+            if self._wandb is not None:
+                self._wandb.log({tag: self._wandb_module.Video(str(path), format="mp4")}, step=step)
+            if self._tb is not None:
+                self._tb.add_image(tag, middle_frame(path), step, dataformats="HWC")
 
     def message(self, text: str) -> None:
         """Print a line on the writer rank without breaking the progress bar (e.g. "saved step 300")."""
@@ -302,6 +320,15 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def middle_frame(path):
+    """The middle frame of a video file, uint8 [H, W, 3] (numpy)."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return frames[len(frames) // 2]
 
 
 # --------------------------------------------------------------------------------------------- reading

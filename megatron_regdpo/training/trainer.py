@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_regdpo.parallel.pipeline import forward_backward
 
 from .batches import micro_batches
+from .eval_hook import maybe as eval_videos_of
 from .metrics import DGRAlarm, average_microbatches, peak_memory_gb, reduce_over_group, step_metrics
 from .metrics import objective_metrics as objective_names
 from .optimizer import lr_at, optimizer_step, set_lr
@@ -54,20 +55,30 @@ def evaluate(run) -> dict:
     # and for the cached reference the key its cache holds
     noise_step, draw = run.reference.noise_key(0, 0)
     collected: list[dict] = []
+    # every replica runs the same number of forwards: under FSDP2 each one gathers weights across the
+    # replicas, so a replica with fewer held-out pairs scores one of them again and drops the result
+    rounds = -(-len(run.eval_ids) // (run.dp_size * per_micro))
     with torch.no_grad():
-        for start in range(0, len(ids), per_micro):
-            mbs = micro_batches(run.dataset, ids[start:start + per_micro], per_micro, seed=cfg.run.seed,
+        for r in range(rounds):
+            chunk = ids[r * per_micro:(r + 1) * per_micro]
+            keep = collected.append if chunk else (lambda _metrics: None)
+            mbs = micro_batches(run.dataset, chunk or run.eval_ids[:1], per_micro, seed=cfg.run.seed,
                                 step=noise_step, draw=draw, fm=run.flow_matching, device=run.device, dtype=run.dtype)
             reference_pass(run.reference, mbs, run.reference_batch)
-            forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, collected.append,
+            forward_backward(run.model_chunks, make_forward_step(run.settings, run.pg.cp, keep,
                                                                pair_forward=cfg.objective.pair_forward),
                              iter(mbs), num_microbatches=len(mbs), tokens=run.tokens, micro_batch_size=2 * per_micro,
                              pg_collection=run.pg, forward_only=True)
-    if not collected:  # not the last pipeline stage: the loss lives there (as does the metrics writer)
-        return {}
+    for chunk in run.model_chunks:  # FSDP2 keeps a root's weights gathered after a forward (for its backward);
+        module = getattr(chunk, "module", chunk)  # there is none here: shard them again
+        if hasattr(module, "reshard"):
+            module.reshard()
+    if dist.get_rank(run.pg.pp) != dist.get_world_size(run.pg.pp) - 1:
+        return {}  # not the last pipeline stage: the loss lives there (as does the metrics writer)
     keys = ("dpo/implicit_acc", "loss/dpo", "dpo/reward_margin")
-    local = reduce_over_group({k: sum(m[k] for m in collected) / len(collected) for k in keys}, run.pg.dp,
-                              num_pairs=len(ids))
+    # a replica without held-out pairs still joins the average, with weight 0
+    local = reduce_over_group({k: sum(m[k] for m in collected) / max(len(collected), 1) for k in keys},
+                              run.pg.dp, num_pairs=len(ids))
     return {f"eval/{k.split('/')[-1]}": v for k, v in local.items()}
 
 
@@ -77,6 +88,7 @@ def train(run, log) -> int:
     alarm = DGRAlarm.from_beta_eff(run.settings.beta_eff)
     step, skipped_in_row = run.start_step, 0
     per_micro = cfg.data.micro_batch_pairs
+    videos = eval_videos_of(run)  # validation videos (eval.videos), None when off
     try:
         while step < cfg.schedule.train_steps:
             t0 = time.perf_counter()
@@ -113,6 +125,8 @@ def train(run, log) -> int:
                 metrics[f"throughput/{kind}_tflops"] = run.step_flops[kind] / step_s / dist.get_world_size() / 1e12
             if cfg.eval.interval and step % cfg.eval.interval == 0:
                 metrics.update(evaluate(run))   # one record per step: eval/ joins the step's line
+            if videos is not None and videos.due(step):
+                metrics.update(videos(step))    # eval/videos (the files), eval/fm_err_*, eval/clip_*, time/
             log.log(metrics)
             if "dpo/dgr" in metrics and log.active:  # the metrics are reduced on every rank: one rank warns
                 alarm.update(metrics["dpo/dgr"], step)

@@ -168,7 +168,7 @@ def runs(pg, tmp_path_factory):
     cached, base = _cached_store(root, pg)
     cache = (f"checkpoint.load={base}", "objective.reference.mode=cached")
     o = {name: root / name for name in ("one", "dp1", "tp2", "dp2", "pp2", "cp2", "tp2_cached", "tp2_again",
-                                        "fsdp_dp2", "fsdp_dp2_again", *CASES, "dp2_gb4")}
+                                        "fsdp_dp2", "fsdp_dp2_again", "fsdp_dp2_eval", *CASES, "dp2_gb4")}
     assert main(_args(o["one"], store, STEPS[-1], ())) == 0
     assert main(_args(o["dp1"], store, STEPS[-1], ("data.global_batch_pairs=2",))) == 0
 
@@ -180,7 +180,10 @@ def runs(pg, tmp_path_factory):
         run("pp2", ["parallel.pp=2", *cache], data=cached), run("tp2_cached", ["parallel.tp=2", *cache], data=cached),
         run("tp2_again", ["parallel.tp=2"], "tp2"), run("one_to_cp2", ["parallel.cp=2"], "one"),
         run("pp2_to_tp2", ["parallel.tp=2", *cache], "pp2", data=cached),
-        run("fsdp_dp2", FSDP), run("fsdp_dp2_again", FSDP, "fsdp_dp2")])}
+        run("fsdp_dp2", FSDP), run("fsdp_dp2_again", FSDP, "fsdp_dp2"),
+        # one held-out pair: replica 1 has none to score (it ran fewer forwards and hung FSDP2's gathers),
+        # and the checkpoint of that step follows the forward-only evaluation
+        run("fsdp_dp2_eval", [*FSDP, "eval.holdout_pairs=1", f"eval.interval={SAVED}"])])}
     spawned = run_world(2, world2, plan)
     assert spawned[0]["rcs"] == {name: 0 for name in plan["runs"]}, spawned[0]["rcs"]
     _resume_from(o["tp2"], o["tp2_to_one"])
@@ -299,3 +302,10 @@ def test_a_chunk_may_bring_its_own_checkpoint_form(pg, tmp_path):
     saved = ck.save(1, [Own()], opt, {})
     assert ck.load(saved, [Own()], opt)["step"] == 1
     assert calls == ["save", "save", True]   # a load asks for the same form it then hands over
+
+
+def test_fsdp_evaluates_held_out_pairs_that_not_every_replica_has(runs):
+    """The forward-only evaluation under FSDP2 with fewer held-out pairs than replicas, then a checkpoint."""
+    m = _metrics(runs["out"]["fsdp_dp2_eval"], SAVED)
+    assert {"eval/implicit_acc", "eval/dpo"} <= set(m)
+    assert (runs["out"]["fsdp_dp2_eval"] / "tiny-cpu" / "checkpoints" / f"iter_{SAVED:07d}").is_dir()
