@@ -80,6 +80,7 @@ def measure_rank(rank: int, world: int, payload: dict) -> dict:
             "planned": {"whole_run": planned.peak_with_host_overall, "step": planned.peak_with_host},
             "tracked_real": {"whole_run": real.peak_with_host_overall, "step": real.peak_with_host},
             "planned_breakdown": planned.breakdown,
+            "planned_peak_phase": planned.peak_phase,
             "layout": planned.layout, "tokens": planned.tokens}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Union
 
 import torch
@@ -21,7 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_regdpo.parallel.context import all_gather_seq
 
-from .lean import ContiguousGrad, Rope
+from .lean import ContiguousGrad, Rope, recomputed_in_backward, rms_scaled
 
 SpecOrType = Union[ModuleSpec, type]
 
@@ -99,12 +100,14 @@ class _WanAttentionBase(MegatronModule):
             bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False,
             tp_comm_buffer_name="proj", tp_group=self.tp_group)
 
-    def _attend(self, q, k, v):
+    def _attend(self, q, k, v, recipes=()):
         """Core attention; under selective recompute its activations are recomputed in backward
-        (megatron-core's `recompute_granularity: selective`, modules ["core_attn"])."""
-        if self.recompute_core_attention and self.training and torch.is_grad_enabled():
-            return tensor_parallel.checkpoint(self._core_attention, False, q, k, v)
-        return self._core_attention(q, k, v)
+        (megatron-core's `recompute_granularity: selective`, modules ["core_attn"]). `recipes`: (tensor,
+        recompute) pairs of q and k, which attention keeps for backward as their recomputes."""
+        with recomputed_in_backward(*recipes):
+            if self.recompute_core_attention and self.training and torch.is_grad_enabled():
+                return tensor_parallel.checkpoint(self._core_attention, False, q, k, v)
+            return self._core_attention(q, k, v)
 
     def _core_attention(self, q, k, v):
         # The one call into core attention, TE's or ours: a DiT attends without a mask, said explicitly
@@ -119,8 +122,22 @@ class _WanAttentionBase(MegatronModule):
     def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         return x.unflatten(-1, (self.heads, parts * self.head_dim)).split(self.head_dim, dim=-1)
 
-    def _normed(self, norm, x_SBHK: torch.Tensor) -> torch.Tensor:
-        return norm(x_SBHK.flatten(-2)).unflatten(-1, (self.heads, self.head_dim))
+    def _normed(self, norm, x_SBHK: torch.Tensor, rope=None):
+        """The across-heads norm (then RoPE) of x, and the recipes that recompute it in backward from what
+        the norm keeps anyway (none without a graph: they would only keep the norm's input alive)."""
+        x_SBW, stats = x_SBHK.flatten(-2), []
+        y = norm(x_SBW, stats).unflatten(-1, (self.heads, self.head_dim))
+        if rope is not None:
+            y = Rope.apply(y, rope)
+        if not y.requires_grad:
+            return y, ()
+        return y, ((y, partial(_renormed, x_SBW, stats[0], norm.weight, rope, self.heads)),)
+
+
+def _renormed(x_SBW, rs, weight, rope, heads):
+    """_normed's output again, bitwise, from the norm's input and inverse RMS."""
+    y = rms_scaled(x_SBW, rs, weight).unflatten(-1, (heads, -1))
+    return y if rope is None else Rope._rotate(y, rope, 1.0)
 
 
 class WanSelfAttention(_WanAttentionBase):
@@ -131,9 +148,9 @@ class WanSelfAttention(_WanAttentionBase):
     def forward(self, x_SBD: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.linear_qkv(x_SBD)
         q, k, v = self._heads(qkv, 3)
-        q = Rope.apply(self._normed(self.q_norm, q), rope)
-        k = Rope.apply(self._normed(self.k_norm, k), rope)
-        out, _ = self.linear_proj(self._attend(q, k, v.contiguous()))
+        q, q_recipe = self._normed(self.q_norm, q, rope)
+        k, k_recipe = self._normed(self.k_norm, k, rope)
+        out, _ = self.linear_proj(self._attend(q, k, v.contiguous(), q_recipe + k_recipe))
         return out
 
 
@@ -157,14 +174,15 @@ class WanCrossAttention(_WanAttentionBase):
     def forward(self, x_SBD: torch.Tensor, context_TBD: torch.Tensor) -> torch.Tensor:
         img_TBD, txt_TBD = context_TBD[: self.image_tokens], context_TBD[self.image_tokens:]
         q, _ = self.linear_q(x_SBD)
-        q = self._normed(self.q_norm, ContiguousGrad.apply(q).unflatten(-1, (self.heads, self.head_dim)))
+        q, q_recipe = self._normed(self.q_norm, ContiguousGrad.apply(q).unflatten(-1, (self.heads, self.head_dim)))
         kv, _ = self.linear_kv(txt_TBD)
         k, v = self._heads(kv, 2)
-        out = self._attend(q, self._normed(self.k_norm, k), v.contiguous())
+        k, _ = self._normed(self.k_norm, k)
+        out = self._attend(q, k, v.contiguous(), q_recipe)
         if self.image_tokens:
             kv_img, _ = self.linear_kv_img(img_TBD)
             k_img, v_img = self._heads(kv_img, 2)
-            k_img = self._normed(self.k_img_norm, k_img)
-            out = out + self._attend(q, k_img, v_img.contiguous())
+            k_img, _ = self._normed(self.k_img_norm, k_img)
+            out = out + self._attend(q, k_img, v_img.contiguous(), q_recipe)
         out, _ = self.linear_proj(out)
         return out

@@ -1,6 +1,6 @@
 """One Wan2.1 DiT block as a Megatron-Core transformer layer (built and stacked by TransformerBlock).
 
-Legend: S video tokens (this rank's slice), T context tokens, B batch, D hidden.
+Legend: S video tokens (this rank's slice), T context tokens, B batch, D hidden, F ffn hidden.
 
 adaLN: the time embedding's 6-way projection (shift, scale, gate for self-attention; the same for the
 FFN) plus this block's learned `scale_shift_table`. Modulation runs in fp32 and casts back, as Wan does;
@@ -20,6 +20,7 @@ one, so cross-attention would get None.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from megatron.core import tensor_parallel
@@ -28,7 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank
 
-from .lean import GatedResidual, modulated_norm, norm_only
+from .lean import GatedResidual, modulate, modulated_norm, norm_only, normed, recomputed_in_backward
 
 
 @dataclass
@@ -79,16 +80,55 @@ class WanLayer(MegatronModule, BaseTransformerLayer):
         mod_6BD = (self.scale_shift_table.float() + modulation_B6D.float()).transpose(0, 1)
         shift, scale, gate, c_shift, c_scale, c_gate = mod_6BD.unbind(0)
 
-        # fp32 modulation and gates as Wan computes them, keeping only bf16 tensors for backward (lean.py)
+        # fp32 modulation and gates as Wan computes them, keeping only bf16 tensors for backward (lean.py);
+        # each norm's output, which the next linear keeps for its weight gradient, is recomputed in backward
+        # from the norm's input (which the norm keeps)
         h = modulated_norm(self.norm1, x_SBD, shift, scale)
-        x_SBD = GatedResidual.apply(x_SBD, self.self_attention(h, rotary_pos_emb), gate)
+        x_SBD = GatedResidual.apply(x_SBD, _keeping_as(h, partial(modulate, self.norm1, x_SBD, shift, scale),
+                                                       self.self_attention, rotary_pos_emb), gate)
 
-        h = norm_only(self.norm2, x_SBD) if self.norm2 is not None else x_SBD
-        x_SBD = x_SBD + self.cross_attention(h, context)
+        if self.norm2 is not None:
+            h = norm_only(self.norm2, x_SBD)
+            x_SBD = x_SBD + _keeping_as(h, partial(normed, self.norm2, x_SBD), self.cross_attention, context)
+        else:
+            x_SBD = x_SBD + self.cross_attention(x_SBD, context)
 
         h = modulated_norm(self.norm3, x_SBD, c_shift, c_scale)
-        ff, ff_bias = self.mlp(h)
-        if ff_bias is not None:
-            ff = ff + ff_bias
-        x_SBD = GatedResidual.apply(x_SBD, ff, c_gate)
+        x_SBD = GatedResidual.apply(x_SBD, _keeping_as(h, partial(modulate, self.norm3, x_SBD, c_shift, c_scale),
+                                                       self.mlp), c_gate)
         return x_SBD, context
+
+
+def _keeping_as(h, redo, module, *args):
+    """module(h, *args), with h kept for backward (by module's first linear) as redo(), recomputed."""
+    with recomputed_in_backward((h, redo)):
+        return module(h, *args)
+
+
+class WanMLP(MegatronModule):
+    """linear_fc1 -> tanh GELU -> linear_fc2, what megatron-core's MLP computes for Wan's config. Its own
+    because of one saving: the GELU's output, which linear_fc2 keeps for its weight gradient (ffn-wide: the
+    largest tensor of the block), is recomputed in backward from the GELU's input, which the GELU keeps."""
+
+    def __init__(self, config, submodules, ffn_hidden_size: int, tp_group=None):
+        super().__init__(config=config)
+        d = config.hidden_size
+        self.activation_func = config.activation_func
+        self.linear_fc1 = build_module(
+            submodules.linear_fc1, d, ffn_hidden_size, config=config, init_method=config.init_method,
+            gather_output=False, bias=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="fc1",
+            tp_group=tp_group)
+        self.linear_fc2 = build_module(
+            submodules.linear_fc2, ffn_hidden_size, d, config=config, init_method=config.output_layer_init_method,
+            bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="fc2",
+            tp_group=tp_group)
+
+    def forward(self, h_SBD: torch.Tensor) -> torch.Tensor:
+        pre_SBF, _ = self.linear_fc1(h_SBD)
+        act_SBF = self.activation_func(pre_SBF)
+        if not act_SBF.requires_grad:  # no graph: the GELU's input need not outlive it
+            del pre_SBF
+            return self.linear_fc2(act_SBF)[0]
+        with recomputed_in_backward((act_SBF, partial(self.activation_func, pre_SBF))):
+            out_SBD, _ = self.linear_fc2(act_SBF)
+        return out_SBD

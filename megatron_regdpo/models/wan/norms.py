@@ -63,8 +63,9 @@ class AcrossHeadsRMSNorm(MegatronModule):
         setattr(self.weight, "partition_dim", 0)
         setattr(self.weight, "partition_stride", 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return RMSNormAcrossHeads.apply(x, self.weight, self.tp_group, self.full_width, self.eps)
+    def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
+        """`stats`, a list, receives the inverse RMS (see lean.RMSNormAcrossHeads)."""
+        return RMSNormAcrossHeads.apply(x, self.weight, self.tp_group, self.full_width, self.eps, stats)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .attention import (ContextParallelSDPAttention, SDPAttention, WanCrossAttention, WanCrossAttentionSubmodules, WanSelfAttention,
                         WanSelfAttentionSubmodules)
-from .layer import WanLayer, WanLayerSubmodules
+from .layer import WanLayer, WanLayerSubmodules, WanMLP
 from .norms import AcrossHeadsRMSNorm, FP32LayerNorm
 
 
@@ -62,7 +62,7 @@ def wan_layer_spec(backend: str, with_image: bool, image_tokens: int, cross_attn
                 submodules=WanCrossAttentionSubmodules(
                     linear_q=column, linear_kv=column, core_attention=cross_core, linear_proj=row,
                     qk_norm=AcrossHeadsRMSNorm, with_image=with_image)),
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp=ModuleSpec(module=WanMLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
             norm=FP32LayerNorm,
         ),
     )
