@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -109,9 +110,10 @@ def _forward_backward(model, inputs, out_grad):
     _call(model, inputs).backward(out_grad)
 
 
-def saved_bytes(model, inputs) -> dict:
-    """Bytes of the distinct storages autograd keeps for backward: without and with the parameters'."""
-    storages = {}
+@contextmanager
+def saved_storages():
+    """Inside: the distinct storages autograd keeps for backward, {data_ptr: bytes} (filled as they are saved)."""
+    storages: dict[int, int] = {}
 
     def pack(t):
         st = t.untyped_storage()
@@ -119,6 +121,12 @@ def saved_bytes(model, inputs) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
+
+
+def saved_bytes(model, inputs) -> dict:
+    """Bytes of the distinct storages autograd keeps for backward: without and with the parameters'."""
+    with saved_storages() as storages:
         out = _call(model, inputs)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     total = sum(storages.values())

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft", reason="diffusers' LoRA loaders need the 'peft' package")
 
@@ -43,13 +43,6 @@ LOADERS = {  # what a user types, with `dir` the --adapter-out folder and `file`
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is much faster than two on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def resave_at_tp2(rank: int, world: int, payload: dict) -> None:

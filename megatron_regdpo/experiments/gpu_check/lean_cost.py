@@ -55,14 +55,9 @@ def _pieces(S: int, B: int, H: int, K: int, device, dtype) -> dict:
 
 def _saved_bytes(fn, inputs) -> int:
     """Bytes of the distinct storages autograd keeps for fn's backward."""
-    seen = {}
+    from megatron_regdpo.experiments.model_overhead import saved_storages
 
-    def pack(t):
-        st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages() as seen:
         out = fn(*inputs)
     del out
     return sum(seen.values())
