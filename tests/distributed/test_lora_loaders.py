@@ -43,8 +43,6 @@ LOADERS = {  # what a user types, with `dir` the --adapter-out folder and `file`
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
-
 def resave_at_tp2(rank: int, world: int, payload: dict) -> None:
     """Each task's TP1 LoRA checkpoint loaded as TP2 shards and saved from them."""
     from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model, read_meta, save_model
