@@ -29,7 +29,8 @@ from megatron_regdpo.experiments import throughput as bench  # noqa: E402
 
 def build_tiny_store(folder: Path) -> Path:
     """The demo's tiny GT-Pair store (clips, tiny random VAE/text encoder, debug base model's negatives)."""
-    from megatron_regdpo.demo import _tool, make_clips, save_base_model
+    from megatron_regdpo.demo import _tool, make_clips
+    from megatron_regdpo.experiments.data_ranks import save_debug_checkpoint
 
     store = folder / "pairs.zarr"
     if (store / "pairs").exists():  # the pair index is the last thing written
@@ -43,7 +44,7 @@ def build_tiny_store(folder: Path) -> Path:
         "--bucket", "1:1", "--text-len", "16", "--tiny-random-models", "--models-dir", str(folder / "models")])
     if rc:
         raise SystemExit(f"preprocess_videos failed (rc {rc})")
-    save_base_model(folder / "base", seed=1234)
+    save_debug_checkpoint(store, folder / "base")  # a random debug Wan fitting the store, in a process of its own
     rc = _tool("make_gt_pairs").main(["generate", "--store", str(store), "--ckpt", str(folder / "base"), "-k", "1",
                                       "--steps", "4"])
     if rc:
