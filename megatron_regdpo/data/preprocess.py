@@ -104,13 +104,14 @@ def preprocess(opts: PreprocessOptions, job: Job | None = None) -> PreprocessSum
     bar = Bar(len(pending), "preprocess", enabled=opts.show_progress and job.lead)
     decoder, backends, mine = VideoDecoder(opts.decode), Counter(), shard(pending, job)
     for i in range(rounds(len(pending), job)):
-        outcome = None  # this rank's clip of the round: ("real", backend) or ("skip", entry)
+        outcome, caption = None, None  # this rank's clip of the round: ("real", backend) or ("skip", entry)
         if i < len(mine):
             video, report.last = mine[i], None
             sample = report.attempt(video.path, "preprocess", encode_clip, video, decoder, encoders, opts)
             outcome = ("skip", report.last) if sample is None else ("real", sample["record"]["backend"])
-        _ensure_text(job, store, encoders, video.caption if outcome and outcome[0] == "real" else None)
-        if outcome and outcome[0] == "real":
+            caption = video.caption if sample is not None else None
+        _ensure_text(job, store, encoders, caption)  # only a clip that decoded needs its text
+        if caption is not None:
             store.write_real(video.sample_id, sample.pop("latents"), sample.pop("record"), **sample)
         for rank, part in enumerate(job.sync(store, outcome)):
             if part is None:

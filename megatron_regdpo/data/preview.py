@@ -158,15 +158,18 @@ def to_uint8(pixels_CTHW: torch.Tensor) -> torch.Tensor:
 
 
 def side_by_side(left_TCHW: torch.Tensor, right_TCHW: torch.Tensor) -> np.ndarray:
-    """uint8 [T, H, 2W + SEPARATOR, 3], height padded with black to even (yuv420p needs even sizes)."""
+    """uint8 [T, H, 2W + SEPARATOR, 3] (see `panels`)."""
     assert left_TCHW.shape == right_TCHW.shape, (left_TCHW.shape, right_TCHW.shape)
-    t, _, h, w = left_TCHW.shape
+    return panels([left_TCHW, right_TCHW])
+
+
+def panels(videos_TCHW: list[torch.Tensor]) -> np.ndarray:
+    """uint8 [T, H, n W + (n - 1) SEPARATOR, 3]: the videos left to right with white columns between, padded
+    with black to even sizes (yuv420p needs them)."""
+    t, _, h, _ = videos_TCHW[0].shape
     gap = torch.full((t, 3, h, SEPARATOR), 255, dtype=torch.uint8)
-    frames_TCHW = torch.cat([left_TCHW, gap, right_TCHW], dim=3)
-    if h % 2:
-        frames_TCHW = torch.nn.functional.pad(frames_TCHW, (0, 0, 0, 1))
-    if frames_TCHW.shape[3] % 2:
-        frames_TCHW = torch.nn.functional.pad(frames_TCHW, (0, 1))
+    frames_TCHW = torch.cat([p for v in videos_TCHW for p in (gap, v)][1:], dim=3)
+    frames_TCHW = torch.nn.functional.pad(frames_TCHW, (0, frames_TCHW.shape[3] % 2, 0, h % 2))
     return frames_TCHW.permute(0, 2, 3, 1).contiguous().numpy()
 
 

@@ -25,12 +25,11 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_regdpo.data.negatives import SamplerOptions, guided_velocity, keyed_noise, sample
-from megatron_regdpo.data.preview import (SEPARATOR, check_vae_fits, load_store_vae, preview_encoder, to_uint8,
+from megatron_regdpo.data.preview import (check_vae_fits, load_store_vae, panels, preview_encoder, to_uint8,
                                           write_json, write_video)
 from megatron_regdpo.data.store import safe_id
 
@@ -114,17 +113,6 @@ def sample_models(models: dict[str, ModelContext], prompt: VideoPrompt, opts: Sa
                                        dtype, opts.guidance, opts.cfg_batch)
             out[name] = sample(velocity, noise_1CFhw, opts.schedule())[0].float()
     return out
-
-
-def panels(videos_TCHW: list[torch.Tensor]) -> np.ndarray:
-    """uint8 [T, H, n W + (n - 1) SEPARATOR, 3]: the videos left to right with white columns between, padded
-    with black to even sizes (yuv420p) - data.preview.side_by_side for any number of panels."""
-    t, _, h, _ = videos_TCHW[0].shape
-    gap = torch.full((t, 3, h, SEPARATOR), 255, dtype=torch.uint8)
-    parts = [p for v in videos_TCHW for p in (gap, v)][1:]
-    frames_TCHW = torch.cat(parts, dim=3)
-    frames_TCHW = torch.nn.functional.pad(frames_TCHW, (0, frames_TCHW.shape[3] % 2, 0, h % 2))
-    return frames_TCHW.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class VideoWriter:

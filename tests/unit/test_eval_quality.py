@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from megatron_regdpo.config import ConfigError, load_config, validate
+from megatron_regdpo.data.preview import panels
 from megatron_regdpo.models.wan.arch import SIZES
 from megatron_regdpo.models.wan.build import build_wan
 from megatron_regdpo.training.eval_quality import ClipScorer, RealClip, fm_errors, fm_metrics, plain, save_tiny_clip
-from megatron_regdpo.training.eval_videos import _share, panels
+from megatron_regdpo.training.eval_videos import _share
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGMAS = (0.25, 0.5, 0.75)
