@@ -12,12 +12,14 @@
 #                   rendezvous itself: torchrun ignores --node-rank with c10d)
 #   MASTER_ADDR, MASTER_PORT   the rendezvous endpoint, on node 0 (port default 29500)
 #   RDZV_ID         job id shared by all nodes (default $SLURM_JOB_ID, else "regdpo")
-#   TORCHRUN        the launcher command (default: torchrun on PATH, else the project's .venv/bin/torchrun)
+#   TORCHRUN        the launcher command (default: PYTHON -m megatron_regdpo.launcher: torchrun's options and
+#                   run, but a user error ends as the workers' one line; torchrun itself works too)
+#   PYTHON          its interpreter (default: python on PATH when it has torch, else the project's .venv)
 # Extra arguments after RECIPE go to megatron_regdpo.train (config overrides such as optim.lr=1e-5).
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 RECIPE=$1
@@ -32,16 +34,21 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
     (( NPROC_PER_NODE > 0 )) || NPROC_PER_NODE=1
 fi
 NNODES=${NNODES:-1}
-# torchrun from the active environment, else the project's own (make install), else a clear error
+# The launcher: torchrun's own, run in-process by megatron_regdpo/launcher.py, with python from the active
+# environment, else the project's own (make install), else a clear error
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+has_torch() { "$1" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)' 2>/dev/null; }
 if [[ -z ${TORCHRUN:-} ]]; then
-    if command -v torchrun >/dev/null 2>&1; then TORCHRUN=torchrun
-    elif [[ -x $ROOT/.venv/bin/torchrun ]]; then TORCHRUN=$ROOT/.venv/bin/torchrun
-    else
-        echo "torchrun.sh: torchrun not found: activate the environment that has megatron_regdpo, or run" \
-             "'make install' in $ROOT" >&2
-        exit 2
+    if [[ -z ${PYTHON:-} ]]; then
+        if command -v python >/dev/null 2>&1 && has_torch python; then PYTHON=python
+        elif [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python
+        else
+            echo "torchrun.sh: no python with torch found: activate the environment that has megatron_regdpo," \
+                 "or run 'make install' in $ROOT" >&2
+            exit 2
+        fi
     fi
+    TORCHRUN="$PYTHON -m megatron_regdpo.launcher"
 fi
 
 # Megatron's TP/SP communication overlap relies on kernels being launched in issue order.
@@ -82,7 +89,7 @@ forward() {
     FORWARDED=$1
     if pkill "-$1" -P "$pid"; then
         echo "torchrun.sh: SIG$1: the workers save at the next step boundary and exit" >&2
-    else  # no worker yet (rendezvous): nothing to save; torchrun handles SIGHUP: it stops (exit 1)
+    else  # no worker yet (rendezvous): nothing to save; torchrun handles SIGHUP: it stops (exit 129)
         echo "torchrun.sh: SIG$1 before the workers started: stopping torchrun" >&2
         kill -HUP "$pid" 2>/dev/null || true
     fi

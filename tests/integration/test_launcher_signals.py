@@ -1,5 +1,6 @@
-"""The job as a scheduler sees it: launch/torchrun.sh (real torchrun, one CPU worker) signalled as a whole
-process group while it saves checkpoints; torchrun SIGKILLed alone; two trainers on one run folder."""
+"""The job as a scheduler sees it: launch/torchrun.sh (its launcher, torchrun's own run in-process by
+megatron_regdpo.launcher, one CPU worker) signalled as a whole process group while it saves checkpoints; the
+launcher SIGKILLed alone; two trainers on one run folder."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from megatron_regdpo.parallel.procs import kill_all, kill_tree, wait_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "recipes/debug/tiny_cpu.yaml"
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+LAUNCHER = "megatron_regdpo.launcher"   # launch/torchrun.sh runs `PYTHON -m megatron_regdpo.launcher`
 
 
 def _overrides(store, out, steps, *extra):
@@ -32,8 +33,8 @@ def launch():
     jobs, workers = [], []
 
     def _launch(*cmd, launcher=True):
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "TORCHRUN": TORCHRUN, "NPROC_PER_NODE": "1",
-               "OMP_NUM_THREADS": "1"}
+        env = {**{k: v for k, v in os.environ.items() if k != "TORCHRUN"}, "PYTHONWARNINGS": "ignore",
+               "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
         full = ["bash", "launch/torchrun.sh", RECIPE, *cmd] if launcher else \
             [sys.executable, "-m", "megatron_regdpo.train", "--config", RECIPE, *cmd]
         jobs.append(subprocess.Popen(full, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -73,7 +74,7 @@ def test_sigterm_to_the_job_while_saving_saves_and_exits_0(store, tmp_path, laun
     launch.workers += tree
     if target == "process group":   # a scheduler's kill -TERM -- -PGID: the launcher script's group
         os.killpg(job.pid, signal.SIGTERM)
-    else:                           # SLURM's scancel: every process of the step, torchrun included
+    else:                           # SLURM's scancel: every process of the step, the launcher included
         for p in tree:
             p.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=120)
@@ -85,17 +86,17 @@ def test_sigterm_to_the_job_while_saving_saves_and_exits_0(store, tmp_path, laun
     assert not left, left
 
 
-def test_sigkill_of_torchrun_stops_its_workers_and_a_rerun_starts_cleanly(store, tmp_path, launch, capsys):
+def test_sigkill_of_the_launcher_stops_its_workers_and_a_rerun_starts_cleanly(store, tmp_path, launch, capsys):
     from megatron_regdpo.train import main
 
     job = launch(*_overrides(store, tmp_path, 1000, "checkpoint.interval=2"))
     jsonl = tmp_path / "tiny-cpu" / "metrics.jsonl"
     assert _wait_for(lambda: jsonl.exists() and jsonl.read_text().count("\n") >= 1, job), output_of(job)
-    torchrun = next(p for p in _tree(job.pid) if TORCHRUN in " ".join(p.cmdline()))
-    workers = torchrun.children(recursive=True)
+    launcher = next(p for p in _tree(job.pid) if LAUNCHER in " ".join(p.cmdline()))
+    workers = launcher.children(recursive=True)
     launch.workers += workers
     assert workers
-    torchrun.kill()
+    launcher.kill()
     left = [describe(p) for p in wait_gone(workers, timeout=10)]
     assert not left, left   # before: the worker trained on, beside whatever ran next
     out, _ = job.communicate(timeout=60)

@@ -1,5 +1,5 @@
 """tools/plot_run.py on synthetic runs (a dashboard, missing and malformed files, a killed run's last line),
-and the launch/ scripts: syntax, and the exact torchrun / srun command lines they build (stub launchers)."""
+and the launch/ scripts: syntax, and the exact launcher / srun command lines they build (stub commands)."""
 from __future__ import annotations
 
 import importlib.util
@@ -94,6 +94,7 @@ def test_truncated_last_line_of_a_killed_run_is_skipped(tmp_path, caplog):
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SBATCH = ROOT / "launch" / "slurm_train.sbatch"
 RECIPE = "recipes/wan14b/regdpo_t2v_h100x64.yaml"
+LAUNCHER = ["python", "-m", "megatron_regdpo.launcher"]   # as the stub logs it: torch's launcher, in-process
 
 
 @pytest.mark.parametrize("script", [TORCHRUN_SH, SBATCH], ids=lambda p: p.name)
@@ -116,6 +117,8 @@ def _stub(bin_dir: Path, name: str) -> None:
     body = 'printf "%s\\n" "$(basename "$0")" "$@" >> "$STUB_LOG"\n'
     if name == "torchrun":  # the launcher reads `torchrun --help` for its options: answer it, log only launches
         body = '[[ $1 == --help ]] && exit 0\n' + body
+    if name == "python":  # torchrun.sh asks python whether it has torch (-c) and the launcher's --help: log neither
+        body = '[[ $1 == -c || $3 == --help ]] && exit 0\n' + body
     if name == "srun":  # one node's task: skip srun's own options, run the command with SLURM_NODEID=0
         body += 'while [[ $1 == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n'
     if name == "scontrol":
@@ -141,15 +144,17 @@ def _run_with_stubs(tmp_path, cmd, **env):
 
 def test_torchrun_single_node_command(tmp_path):
     lines, _ = _run_with_stubs(tmp_path, ["bash", str(TORCHRUN_SH), RECIPE, "optim.lr=1e-5"], NPROC_PER_NODE="4")
-    assert lines == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "megatron_regdpo.train",
+    assert lines == [*LAUNCHER, "--standalone", "--nproc-per-node=4", "-m", "megatron_regdpo.train",
                      "--config", RECIPE, "optim.lr=1e-5"]
+    lines, _ = _run_with_stubs(tmp_path, ["bash", str(TORCHRUN_SH), RECIPE], NPROC_PER_NODE="4", TORCHRUN="torchrun")
+    assert lines[:3] == ["torchrun", "--standalone", "--nproc-per-node=4"]   # TORCHRUN: torch's own binary
 
 
 def test_torchrun_multi_node_command(tmp_path):
     env = dict(NPROC_PER_NODE="8", NNODES="8", NODE_RANK="3", MASTER_ADDR="node0", MASTER_PORT="29555",
                RDZV_ID="job7")
     lines, _ = _run_with_stubs(tmp_path, ["bash", str(TORCHRUN_SH), RECIPE], **env)
-    assert lines == ["torchrun", "--nnodes=8", "--nproc-per-node=8", "--rdzv-backend=c10d",
+    assert lines == [*LAUNCHER, "--nnodes=8", "--nproc-per-node=8", "--rdzv-backend=c10d",
                      "--rdzv-endpoint=node0:29555", "--rdzv-id=job7", "--rdzv-conf=is_host=0",
                      "-m", "megatron_regdpo.train", "--config", RECIPE]
     bin_dir = tmp_path / "bin"
@@ -168,16 +173,17 @@ def test_sbatch_dry_run_then_one_torchrun_per_node(tmp_path):
     split = lines.index("srun")
     assert lines[:split] == ["python", "-m", "megatron_regdpo.train", "--config", RECIPE, "--dry-run",
                              "--world-size", "16", "optim.lr=1e-5"]
-    srun, torchrun = lines[split:lines.index("torchrun")], lines[lines.index("torchrun"):]
+    launch = lines.index("python", split)
+    srun, torchrun = lines[split:launch], lines[launch:]
     assert "--cpus-per-task=64" in srun and "--nodes=2" in srun
-    assert torchrun == ["torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+    assert torchrun == [*LAUNCHER, "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
                         "--rdzv-endpoint=gpu-node-01:29500", "--rdzv-id=4242", "--rdzv-conf=is_host=1",
                         "-m", "megatron_regdpo.train", "--config", RECIPE, "optim.lr=1e-5"]
     assert "2 nodes x 8 GPUs = 16 ranks, rendezvous gpu-node-01:29500" in proc.stdout
 
 
 def test_torchrun_falls_back_to_the_projects_venv(tmp_path):
-    """Outside any environment (no torchrun on PATH) the launcher uses the project's .venv/bin/torchrun,
+    """Outside any environment (no python with torch on PATH) the script uses the project's .venv/bin/python,
     and without one it says what to do (it used to fail with exit 127)."""
     fake = tmp_path / "project"
     (fake / "launch").mkdir(parents=True)
@@ -187,10 +193,10 @@ def test_torchrun_falls_back_to_the_projects_venv(tmp_path):
            "HOME": os.environ.get("HOME", "/tmp")}
     proc = subprocess.run(["bash", "launch/torchrun.sh", "recipe.yaml"], cwd=fake, env=env, capture_output=True,
                           text=True)
-    assert proc.returncode == 2 and "torchrun not found" in proc.stderr and "make install" in proc.stderr
+    assert proc.returncode == 2 and "no python with torch found" in proc.stderr and "make install" in proc.stderr
     (fake / ".venv" / "bin").mkdir(parents=True)
-    _stub(fake / ".venv" / "bin", "torchrun")
+    _stub(fake / ".venv" / "bin", "python")
     proc = subprocess.run(["bash", "launch/torchrun.sh", "recipe.yaml"], cwd=fake, env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "calls.log").read_text().splitlines()[:3] == ["torchrun", "--standalone", "--nproc-per-node=1"]
+    assert (tmp_path / "calls.log").read_text().splitlines()[:5] == [*LAUNCHER, "--standalone", "--nproc-per-node=1"]
