@@ -11,7 +11,7 @@ pytest.importorskip("diffusers")
 
 FIELDS = ("ours_fwd_s", "diffusers_fwd_s", "ours_fwd_bwd_s", "diffusers_fwd_bwd_s", "fwd_ratio", "fwd_bwd_ratio",
           "ours_saved_bytes", "diffusers_saved_bytes", "saved_ratio", "output_rel_err", "grad_rel_err",
-          "diffusers_output_rel_err", "diffusers_grad_rel_err")
+          "diffusers_output_rel_err", "diffusers_grad_rel_err", "grad_rel_err_l2", "diffusers_grad_rel_err_l2")
 
 
 def test_quick_run_writes_rows_with_parity(tmp_path, capsys):
@@ -30,6 +30,7 @@ def test_quick_run_writes_rows_with_parity(tmp_path, capsys):
     # bf16: ours is as far from the fp32 result as diffusers' own bf16 run is, up to rounding
     assert bf16["output_rel_err"] < 2 * bf16["diffusers_output_rel_err"] + 1e-3, bf16
     assert bf16["grad_rel_err"] < 2 * bf16["diffusers_grad_rel_err"] + 1e-2, bf16
+    assert fp32["grad_rel_err_l2"] < 1e-5 and bf16["grad_rel_err_l2"] < 1.5 * bf16["diffusers_grad_rel_err_l2"], rows
     assert "| fp32 |" in text and "| bf16 |" in text
 
 

@@ -32,11 +32,19 @@ def _plain_rms(x, w):
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS) * w.float()).to(x.dtype)
 
 
+class _Norm:
+    """FP32LayerNorm without affine parameters, what modulated_norm takes (its eps, no weight or bias)."""
+    eps, weight, bias = EPS, None, None
+
+    def __call__(self, x):
+        return F.layer_norm(x.float(), (x.shape[-1],), None, None, EPS)
+
+
 def _pieces(S: int, B: int, H: int, K: int, device, dtype) -> dict:
     """name -> (lean fn, plain fn, inputs)."""
     D = H * K
     rnd = lambda *shape: torch.randn(*shape, device=device).to(dtype).requires_grad_()  # noqa: E731
-    norm = lambda x: F.layer_norm(x.float(), (x.shape[-1],), None, None, EPS)  # noqa: E731  (FP32LayerNorm)
+    norm = _Norm()
     x, branch = rnd(S, B, D), rnd(S, B, D)
     shift, scale, gate = (torch.randn(B, D, device=device).mul(0.1).requires_grad_() for _ in range(3))
     q = rnd(S, B, H, K)

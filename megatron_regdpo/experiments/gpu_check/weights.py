@@ -21,7 +21,7 @@ def randomize_linears_(model: torch.nn.Module, std: float = 0.02, seed: int = 0)
     filled = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if type(module).__name__ in TP_LINEARS and isinstance(weight, torch.Tensor):
+        if any(c.__name__ in TP_LINEARS for c in type(module).__mro__) and isinstance(weight, torch.Tensor):
             if gen is None:
                 gen = torch.Generator(weight.device).manual_seed(seed)
             weight.normal_(0.0, std, generator=gen)

@@ -31,7 +31,10 @@ class SDPAttention(MegatronModule):
     """Core attention on torch SDPA with TEDotProductAttention's interface (sbhd in, [S, B, H*K] out).
 
     `forward` takes the mask arguments positionally and without defaults, as TE's does, so a caller that
-    omits them fails here on CPU rather than at the first te forward on a GPU."""
+    omits them fails here on CPU rather than at the first te forward on a GPU. SDPA takes q, k and v with
+    any strides (a unit last one): they may stay views of the fused QKV output."""
+
+    takes_views = True
 
     def __init__(self, config, layer_number: int, attn_mask_type=AttnMaskType.no_mask,
                  attention_type: str = "self", softmax_scale=None, pg_collection=None, **unused):
@@ -95,6 +98,7 @@ class _WanAttentionBase(MegatronModule):
             submodules.core_attention, config=config, layer_number=layer_number,
             attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type, pg_collection=pg_collection,
             cp_comm_type=config.cp_comm_type)
+        self._views = getattr(self.core_attention, "takes_views", False)   # TE's: contiguous q, k, v
         self.linear_proj = build_module(
             submodules.linear_proj, d, d, config=config, init_method=config.output_layer_init_method,
             bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False,
@@ -124,19 +128,26 @@ class _WanAttentionBase(MegatronModule):
 
     def _normed(self, norm, x_SBHK: torch.Tensor, rope=None):
         """The across-heads norm (then RoPE) of x, and the recipes that recompute it in backward from what
-        the norm keeps anyway (none without a graph: they would only keep the norm's input alive)."""
-        x_SBW, stats = x_SBHK.flatten(-2), []
-        y = norm(x_SBW, stats).unflatten(-1, (self.heads, self.head_dim))
+        the norm keeps anyway (none without a graph: they would only keep the norm's input alive). x may be
+        a view of the fused projection's output: where core attention takes v as a view too, the norm
+        keeps the fused output once (q, k and v), otherwise q and k are copied as v is."""
+        if not self._views:
+            x_SBHK = x_SBHK.contiguous()
+        stats = []
+        y = norm(x_SBHK, stats)
         if rope is not None:
             y = Rope.apply(y, rope)
         if not y.requires_grad:
             return y, ()
-        return y, ((y, partial(_renormed, x_SBW, stats[0], norm.weight, rope, self.heads)),)
+        return y, ((y, partial(_renormed, x_SBHK, stats[0], norm.weight, rope)),)
+
+    def _value(self, v_SBHK):
+        return v_SBHK if self._views else v_SBHK.contiguous()
 
 
-def _renormed(x_SBW, rs, weight, rope, heads):
+def _renormed(x_SBHK, rs, weight, rope):
     """_normed's output again, bitwise, from the norm's input and inverse RMS."""
-    y = rms_scaled(x_SBW, rs, weight).unflatten(-1, (heads, -1))
+    y = rms_scaled(x_SBHK, rs, weight)
     return y if rope is None else Rope._rotate(y, rope, 1.0)
 
 
@@ -150,7 +161,7 @@ class WanSelfAttention(_WanAttentionBase):
         q, k, v = self._heads(qkv, 3)
         q, q_recipe = self._normed(self.q_norm, q, rope)
         k, k_recipe = self._normed(self.k_norm, k, rope)
-        out, _ = self.linear_proj(self._attend(q, k, v.contiguous(), q_recipe + k_recipe))
+        out, _ = self.linear_proj(self._attend(q, k, self._value(v), q_recipe + k_recipe))
         return out
 
 
@@ -178,11 +189,11 @@ class WanCrossAttention(_WanAttentionBase):
         kv, _ = self.linear_kv(txt_TBD)
         k, v = self._heads(kv, 2)
         k, _ = self._normed(self.k_norm, k)
-        out = self._attend(q, k, v.contiguous(), q_recipe)
+        out = self._attend(q, k, self._value(v), q_recipe)
         if self.image_tokens:
             kv_img, _ = self.linear_kv_img(img_TBD)
             k_img, v_img = self._heads(kv_img, 2)
             k_img, _ = self._normed(self.k_img_norm, k_img)
-            out = out + self._attend(q, k_img, v_img.contiguous(), q_recipe)
+            out = out + self._attend(q, k_img, self._value(v_img), q_recipe)
         out, _ = self.linear_proj(out)
         return out

@@ -42,14 +42,16 @@ def build_wan(arch: WanArch, pg_collection, parallel=None, params_dtype: torch.d
     return model.to(config.params_dtype)
 
 
+_SPLIT_DIMS = {"ColumnParallelLinear": 0, "TEColumnParallelLinear": 0, "RowParallelLinear": 1, "TERowParallelLinear": 1}
+
+
 def _tag_tensor_parallel_weights(model: torch.nn.Module) -> None:
     """A TP linear's weight must carry the split marks (`tensor_model_parallel`, `partition_dim`) that grad
     norms, DDP and optimizers read. megatron-core 0.16-0.17 set them only inside initialisation, 0.18+
     and Transformer Engine's linears also when built to be loaded; megatron's setter asserts they are
     absent, so only unmarked weights are marked (whatever the version)."""
     for module in model.modules():
-        split_dim = {"ColumnParallelLinear": 0, "TEColumnParallelLinear": 0,
-                     "RowParallelLinear": 1, "TERowParallelLinear": 1}.get(type(module).__name__)
+        split_dim = next((_SPLIT_DIMS[c.__name__] for c in type(module).__mro__ if c.__name__ in _SPLIT_DIMS), None)
         weight = getattr(module, "weight", None)
         if split_dim is None or weight is None:
             continue

@@ -6,8 +6,8 @@ Wan computes its adaLN modulation, q/k RMSNorm, RoPE and residual gates in fp32 
 autograd, each of those steps keeps an fp32 copy of its input for backward: 15 D-wide fp32 tensors per
 block, 60 of the ~90 bytes per token per hidden unit that a block keeps. Here each step keeps what its
 backward needs in the model's dtype (or nothing) and redoes the cheap fp32 arithmetic in backward:
-- modulated_norm / norm_only: norm (+ scale, shift) keeping only the bf16 input (its fp32 copy and the
-  fp32 normed x are recomputed from it, see below);
+- Fp32LayerNorm (modulated_norm: norm, scale, shift; norm_only: the affine norm): keeps the bf16 input
+  and the norm's [S, B, 1] statistics; backward forms the fp32 normed x from them where it needs it;
 - GatedResidual: x + branch * gate keeps branch and gate (x's gradient is the incoming one);
 - Rope: a rotation keeps only the angle table (its backward rotates back);
 - ContiguousGrad: not a saving; it keeps a strided gradient from reaching a frozen linear's backward;
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -117,36 +116,52 @@ def recomputed_in_backward(*recipes):
 
 
 def modulated_norm(norm, x_SBD, shift_BD, scale_BD):
-    """(norm(x) * (1 + scale) + shift) in fp32, cast to x's dtype; backward recomputes the fp32 part."""
-    x32 = x_SBD.float()
-    with recomputed_in_backward((x32, x_SBD.float)):          # the norm keeps its input: x's fp32 copy
-        y32 = norm(x32)
-    # the product keeps the normed x (for scale's grad); recomputed from x, not from x32 (which it would keep)
-    with recomputed_in_backward((y32, partial(norm, x_SBD))):
-        out = (y32 * (1 + scale_BD) + shift_BD).type_as(x_SBD)
-    return _KeepForBackward.apply(out, x_SBD)
+    """(norm(x) * (1 + scale) + shift) in fp32, cast to x's dtype, for a LayerNorm without affine
+    parameters (Wan's norm1 and norm3); see Fp32LayerNorm."""
+    if getattr(norm, "weight", None) is not None or getattr(norm, "bias", None) is not None:
+        raise ValueError("modulated_norm takes a LayerNorm without affine parameters (Wan's norm1/norm3)")
+    return Fp32LayerNorm.apply(x_SBD, norm.eps, None, None, shift_BD, scale_BD)
 
 
 def norm_only(norm, x_SBD):
-    """norm(x) cast to x's dtype (the affine cross-attention norm), keeping x rather than its fp32 copy."""
-    x32 = x_SBD.float()
-    with recomputed_in_backward((x32, x_SBD.float)):
-        out = norm(x32).type_as(x_SBD)
-    return _KeepForBackward.apply(out, x_SBD)
+    """norm(x) in fp32 cast to x's dtype (the affine cross-attention norm); see Fp32LayerNorm."""
+    return Fp32LayerNorm.apply(x_SBD, norm.eps, norm.weight, norm.bias, None, None)
 
 
-class _KeepForBackward(torch.autograd.Function):
-    """Identity on `out` that keeps `x` for backward, where the recipes above recompute from it: x is kept
-    (by their blocks) either way; this keeps it where autograd's saved tensors, and what counts them, see it."""
+class Fp32LayerNorm(torch.autograd.Function):
+    """y = layer_norm(x.float(), weight, bias), then, given them, y * (1 + scale) + shift (modulated norms
+    have no weight or bias); cast to x's dtype. Keeps x (model dtype), the parameters and the [S, B, 1]
+    mean and inverse std: backward forms the normalised x once from them where scale needs it and hands
+    the rest to torch's own LayerNorm backward. Forward is bitwise `modulate` / `normed` (the same
+    kernel), which the consumer's recipe recomputes."""
 
     @staticmethod
-    def forward(ctx, out, x):
-        ctx.save_for_backward(x)
-        return out.view_as(out)
+    def forward(ctx, x_SBD, eps: float, weight, bias, shift_BD, scale_BD):
+        x32 = x_SBD.float()
+        w32, b32 = (t.float() if t is not None else None for t in (weight, bias))
+        y32, mean, rstd = torch.native_layer_norm(x32, (x32.shape[-1],), w32, b32, eps)
+        ctx.save_for_backward(x_SBD, weight, bias, scale_BD, mean, rstd)
+        if scale_BD is not None:
+            y32 = y32 * (1 + scale_BD) + shift_BD
+        return y32.to(x_SBD.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        x, weight, bias, scale, mean, rstd = ctx.saved_tensors
+        x32, g32 = x.float(), grad.float()
+        d_shift = d_scale = None
+        if scale is not None:   # no weight or bias here (modulated_norm)
+            if ctx.needs_input_grad[4]:
+                d_shift = g32.sum_to_size(scale.shape).to(scale.dtype)
+            if ctx.needs_input_grad[5]:
+                d_scale = (g32 * ((x32 - mean) * rstd)).sum_to_size(scale.shape).to(scale.dtype)
+            g32 = g32 * (1 + scale.float())
+        want = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        d_x, d_w, d_b = torch.ops.aten.native_layer_norm_backward(
+            g32, x32, (x32.shape[-1],), mean, rstd, weight.float() if weight is not None else None,
+            bias.float() if bias is not None else None, want)
+        d_x, d_w, d_b = (d.to(t.dtype) if d is not None else None for d, t in ((d_x, x), (d_w, weight), (d_b, bias)))
+        return d_x, None, d_w, d_b, d_shift, d_scale
 
 
 class ContiguousGrad(torch.autograd.Function):
@@ -185,13 +200,23 @@ class GatedResidual(torch.autograd.Function):
 
 class Rope(torch.autograd.Function):
     """Rotate interleaved pairs (x[2i], x[2i+1]) by the angles of rope = stack(cos, sin) [2, S, 1, 1, K/2],
-    in fp32, cast back; backward rotates the gradient back (keeps only the table)."""
+    in fp32, cast back; backward rotates the gradient back (keeps only the table). The pairs are rotated
+    as complex numbers, one vectorised multiply: (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i(x0 sin +
+    x1 cos), each product and sum rounded once, the same bits as the four real products on CPU
+    (tests/unit/test_lean.py compares them)."""
 
     @staticmethod
     def _rotate(x, rope, sign: float):
-        cos, sin = rope[0], sign * rope[1]
-        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+        x32 = x.float()
+        if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
+            x32 = x32.contiguous()
+        cos, sin = rope[0].float(), rope[1].float()
+        turn = torch.complex(cos, sin if sign > 0 else -sin)
+        pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+        # a fresh real tensor (not a view of a complex one): what recomputed_in_backward recognises
+        out = torch.empty(x32.shape, dtype=torch.float32, device=x32.device)
+        torch.mul(pairs, turn, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        return out.to(x.dtype)
 
     @staticmethod
     def forward(ctx, x_SBHK, rope):
@@ -205,37 +230,51 @@ class Rope(torch.autograd.Function):
 
 
 class RMSNormAcrossHeads(torch.autograd.Function):
-    """y = x * rsqrt(mean over the full width of x^2 + eps) * weight, in fp32, cast to x's dtype. The mean
-    square sums this rank's width and all-reduces over `group` (TP): forward and backward each reduce one
-    [..., 1] fp32 statistic, as autograd's graph of the plain code did. A list given as `stats` receives
-    the inverse RMS, with which `rms_scaled` recomputes y without communication."""
+    """y = x * rsqrt(mean over the full width of x^2 + eps) * weight, in fp32, cast to x's dtype. The width
+    is x's trailing dimension(s) that `weight` spans: [..., W], or [..., H, K] with H*K = W, which may be a
+    strided view (a head's slice of the fused QKV output: nothing is copied, the view is what is kept). The
+    mean square sums this rank's width and all-reduces over `group` (TP): forward and backward each reduce
+    one [..., 1] fp32 statistic, as autograd's graph of the plain code did. A list given as `stats`
+    receives the inverse RMS, with which `rms_scaled` recomputes y without communication."""
 
     @staticmethod
     def forward(ctx, x, weight, group, full_width: int, eps: float, stats: list | None = None):
+        dims, w = _width(x, weight)
         x32 = x.float()
-        sq = x32.pow(2).sum(-1, keepdim=True)
+        sq = x32.pow(2).sum(dims, keepdim=True)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(sq, group=group)
         rs = torch.rsqrt(sq / full_width + eps)
         ctx.save_for_backward(x, weight, rs)
-        ctx.group, ctx.full_width = group, full_width
+        ctx.group, ctx.full_width, ctx.dims = group, full_width, dims
         if stats is not None:
             stats.append(rs)
-        return (x32 * rs * weight.float()).to(x.dtype)
+        return (x32 * rs * w.float()).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rs = ctx.saved_tensors
+        _, w = _width(x, weight)
         x32, g32 = x.float(), grad.float()
-        x_hat = x32 * rs
-        d_weight = (g32 * x_hat).sum_to_size(weight.shape).to(weight.dtype)
-        d_x_hat = g32 * weight.float()
-        d_sq = (d_x_hat * x32).sum(-1, keepdim=True) * (-0.5 * rs.pow(3)) / ctx.full_width
+        d_weight = None
+        if ctx.needs_input_grad[1]:
+            d_weight = (g32 * x32).mul_(rs).sum_to_size(w.shape).reshape(weight.shape).to(weight.dtype)
+        d_x_hat = g32 * w.float()
+        # d/dx of x * rs: d_x_hat * rs + x * d(rs)/d(sum x^2) * 2 * sum(d_x_hat * x), the sum over the full width
+        dot = (d_x_hat * x32).sum(ctx.dims, keepdim=True)
         if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
-            dist.all_reduce(d_sq, group=ctx.group)
-        return (d_x_hat * rs + 2 * x32 * d_sq).to(x.dtype), d_weight, None, None, None, None
+            dist.all_reduce(dot, group=ctx.group)
+        d_x = torch.addcmul(d_x_hat.mul_(rs), x32, dot.mul_(rs.pow(3)).mul_(-1.0 / ctx.full_width))
+        return d_x.to(x.dtype), d_weight, None, None, None, None
+
+
+def _width(x, weight):
+    """(the dims of x that the norm's width spans, weight shaped to them)."""
+    if x.shape[-1] == weight.numel():
+        return (-1,), weight
+    return (-2, -1), weight.view(x.shape[-2:])
 
 
 def rms_scaled(x, rs, weight):
     """RMSNormAcrossHeads' output from its input and inverse RMS (bitwise what its forward returns)."""
-    return (x.float() * rs * weight.float()).to(x.dtype)
+    return (x.float() * rs * _width(x, weight)[1].float()).to(x.dtype)

@@ -1,6 +1,7 @@
 """The one place that chooses layer implementations: `te` (Transformer Engine, FP8-capable) or `local`.
 
-`local` runs anywhere (CPU included): Megatron-Core's own TP linears, torch SDPA, our norms.
+`local` runs anywhere (CPU included): Megatron-Core's own TP linears (with a leaner matmul underneath,
+linear.py), torch SDPA, our norms.
 `te` swaps the linears and core attention for Transformer Engine's; the Wan-specific norms (fp32
 LayerNorm, across-heads RMSNorm) stay ours in both, since TE has no across-heads RMSNorm.
 """
@@ -8,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .attention import (ContextParallelSDPAttention, SDPAttention, WanCrossAttention, WanCrossAttentionSubmodules, WanSelfAttention,
                         WanSelfAttentionSubmodules)
+from .linear import LeanColumnParallelLinear, LeanRowParallelLinear
 from .layer import WanLayer, WanLayerSubmodules, WanMLP
 from .norms import AcrossHeadsRMSNorm, FP32LayerNorm
 
@@ -21,7 +22,7 @@ from .norms import AcrossHeadsRMSNorm, FP32LayerNorm
 def _backend_modules(backend: str, cp_size: int = 1):
     """(column linear, row linear, self-attention core, cross-attention core) for a backend."""
     if backend == "local":
-        return ColumnParallelLinear, RowParallelLinear, \
+        return LeanColumnParallelLinear, LeanRowParallelLinear, \
             (ContextParallelSDPAttention if cp_size > 1 else SDPAttention), SDPAttention
     if backend == "te":
         try:
