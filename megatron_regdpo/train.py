@@ -102,7 +102,7 @@ def run_training(cfg) -> int:
     import torch.distributed as dist
 
     from megatron_regdpo.parallel.groups import distributed_session
-    from megatron_regdpo.training.metrics import MetricsLogger
+    from megatron_regdpo.training.metrics_log import MetricsLogger
     from megatron_regdpo.training.setup import build_run
     from megatron_regdpo.training.startup import summary
     from megatron_regdpo.training.trainer import train

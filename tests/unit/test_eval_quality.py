@@ -136,7 +136,7 @@ def test_i2v_prompts_condition_both_the_sampler_and_the_fm_error(pg):
 
 def test_middle_frame_reads_the_video_back(tmp_path):
     from megatron_regdpo.data.preview import MPEG4, write_video
-    from megatron_regdpo.training.metrics import middle_frame
+    from megatron_regdpo.training.metrics_log import middle_frame
 
     frames = torch.zeros(5, 16, 16, 3, dtype=torch.uint8)
     frames[2] = 200

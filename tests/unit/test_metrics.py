@@ -1,4 +1,4 @@
-"""training/metrics.py: stable names, the JSONL log (flushed, killed-run and resume tolerant), console summary,
+"""training/metrics.py and metrics_log.py: stable names, the JSONL log (flushed, killed-run and resume tolerant), console summary,
 optional TensorBoard/W&B (missing -> a clear error; present -> wired), micro-batch and data-parallel
 averaging (2 spawned gloo ranks), the DGR alarm."""
 from __future__ import annotations
@@ -19,9 +19,10 @@ from megatron_regdpo.config.schema import LoggingConfig
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings, reg_dpo_loss, reg_dpo_metrics
 from megatron_regdpo.parallel.spawn import run_world
 from megatron_regdpo.training.metrics import (
-    OBJECTIVE_NAMES, PREFIXES, STEP_NAMES, DGRAlarm, MetricsLogger, average_microbatches, format_summary,
-    objective_metrics, peak_memory_gb, read_metrics, reduce_over_group, step_metrics,
+    OBJECTIVE_NAMES, PREFIXES, STEP_NAMES, DGRAlarm, average_microbatches, objective_metrics, peak_memory_gb,
+    read_metrics, reduce_over_group, step_metrics,
 )
+from megatron_regdpo.training.metrics_log import MetricsLogger, format_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_FILES = LoggingConfig(jsonl=False)
@@ -118,7 +119,7 @@ def test_progress_bar_and_summary_together(tmp_path, capsys):
 _KILLED_RUN = """
 import os, signal, sys
 from megatron_regdpo.config.schema import LoggingConfig
-from megatron_regdpo.training.metrics import MetricsLogger
+from megatron_regdpo.training.metrics_log import MetricsLogger
 logger = MetricsLogger(sys.argv[1], LoggingConfig(interval=100), rank=0, world=1, progress=False)
 for step in range(1, 6):
     logger.log({"step": step, "loss/total": 1.0 / step})
