@@ -16,6 +16,7 @@ import pytest
 from megatron_regdpo.data.decode.synth import make_test_clips, write_video
 from megatron_regdpo.data.encode import tiny_models
 from megatron_regdpo.data.store import GTPairStore
+from megatron_regdpo.experiments.data_ranks import save_debug_checkpoint
 from megatron_regdpo.parallel.procs import kill_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,26 +47,6 @@ def _args(inp, store, models, frames=9):
             "--no-progress"]
 
 
-def _debug_checkpoint(store, folder):
-    """A Megatron checkpoint of a random `debug` Wan that fits the store (what convert_checkpoint.py writes)."""
-    import dataclasses
-
-    import torch
-
-    from megatron_regdpo.checkpoint_io.megatron_ckpt import save_model
-    from megatron_regdpo.data.negatives import debug_arch_for
-    from megatron_regdpo.models.wan.build import build_wan
-    from megatron_regdpo.models.wan.convert import FAMILY
-    from megatron_regdpo.parallel.groups import distributed_session
-
-    arch = debug_arch_for(GTPairStore(store).attrs)
-    with distributed_session() as pg:
-        torch.manual_seed(1)
-        save_model(build_wan(arch, pg), folder, {"family": FAMILY, "arch": dataclasses.asdict(arch),
-                                                 "dtype": str(torch.float32)})
-    return folder
-
-
 def test_end_to_end_with_bad_files(tmp_path, models, capsys):
     clips = make_test_clips(tmp_path / "clips")
     inp = tmp_path / "in"
@@ -86,7 +67,7 @@ def test_end_to_end_with_bad_files(tmp_path, models, capsys):
     assert make_gt_pairs.main(["generate", "--store", str(store), "--random-debug", "-k", "2", "--steps", "2",
                                "--no-progress"]) == 0
     assert f"generated {2 * good} negatives (debug-random)" in capsys.readouterr().out
-    ckpt = _debug_checkpoint(store, tmp_path / "ckpt")                         # the base model as a checkpoint
+    ckpt = save_debug_checkpoint(store, tmp_path / "ckpt")                     # the base model as a checkpoint
     assert make_gt_pairs.main(["generate", "--store", str(store), "--ckpt", str(ckpt), "--generator", "base",
                                "--steps", "2", "--solver", "euler", "--no-progress"]) == 0
     assert f"generated {good} negatives (base)" in capsys.readouterr().out
