@@ -126,14 +126,14 @@ def run_training(cfg) -> int:
 def main(argv=None) -> int:
     from megatron_regdpo.training.startup import announce_hidden, hide_known_warnings
 
-    args = parse_args(argv)
-    hidden = hide_known_warnings()   # before anything imports megatron-core: it warns on import
-    from megatron_regdpo.checkpoint_io.integrity import CheckpointError
-    from megatron_regdpo.parallel.lock import LockHeld
-    from megatron_regdpo.training.lifecycle import exit_with_launcher, take_stop_signals
+    from megatron_regdpo.training.lifecycle import exit_with_launcher, parse_on_every_rank, take_stop_signals
 
     take_stop_signals()     # launch/torchrun.sh hands them down ignored
     exit_with_launcher()    # under torchrun: a worker does not outlive its launcher
+    args = parse_on_every_rank(parse_args, argv)
+    hidden = hide_known_warnings()   # before anything imports megatron-core: it warns on import
+    from megatron_regdpo.checkpoint_io.integrity import CheckpointError
+    from megatron_regdpo.parallel.lock import LockHeld
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = load_config(args.config, args.overrides)

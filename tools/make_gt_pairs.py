@@ -140,14 +140,15 @@ def preview(args) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    from megatron_regdpo.training.lifecycle import exit_with_launcher, parse_on_every_rank
+
+    exit_with_launcher()  # under torchrun: a worker does not outlive its launcher
+    args = parse_on_every_rank(parse_args, argv)
     hide_known_warnings()  # before megatron-core is imported: it warns on import
     from megatron_regdpo.data.progress import quiet_library_logs
     from megatron_regdpo.data.ranks import says_errors
-    from megatron_regdpo.training.lifecycle import exit_with_launcher
 
     quiet_library_logs()
-    exit_with_launcher()  # under torchrun: a worker does not outlive its launcher
     try:
         line = {"generate": generate, "import": import_, "preview": preview}[args.cmd](args)
     except ValueError as e:

@@ -80,17 +80,18 @@ def model_paths(args):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    from megatron_regdpo.training.lifecycle import exit_with_launcher, parse_on_every_rank
+
+    exit_with_launcher()  # under torchrun: a worker does not outlive its launcher
+    args = parse_on_every_rank(parse_args, argv)
     hide_known_warnings()  # before megatron-core is imported: it warns on import
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from megatron_regdpo.data.decode import DecodeOptions, parse_preference
     from megatron_regdpo.data.preprocess import PreprocessOptions, preprocess
     from megatron_regdpo.data.progress import quiet_library_logs
     from megatron_regdpo.data.ranks import says_errors, start_job
-    from megatron_regdpo.training.lifecycle import exit_with_launcher
 
     quiet_library_logs()
-    exit_with_launcher()  # under torchrun: a worker does not outlive its launcher
     job = start_job(args.device)
     try:
         prefer = None

@@ -19,6 +19,8 @@ crash writes its traceback there (as torch's @record would), any other exit writ
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import json
 import os
 import signal
@@ -104,6 +106,16 @@ def report_exit_to_launcher() -> None:
 
     sys.excepthook = on_uncaught
     atexit.register(on_exit)
+
+
+def parse_on_every_rank(parse, argv=None):
+    """parse(argv) as every rank runs it under torchrun: a usage error is printed by the node's first process
+    only (argparse prints it and exits 2 on each rank alike); the others exit 2 without it. Call after
+    exit_with_launcher, so that the launcher knows the error was said and adds nothing."""
+    if not under_torchrun() or os.environ.get("LOCAL_RANK", "0") == "0":
+        return parse(argv)
+    with contextlib.redirect_stderr(io.StringIO()):
+        return parse(argv)
 
 
 def _speakers_error_file(path: str) -> str | None:

@@ -71,6 +71,15 @@ def test_user_error_through_torchrun_sh_is_the_workers_one_line(tmp_path):
     _quiet(out)
 
 
+@pytest.mark.parametrize("module", ["megatron_regdpo.train", "tools/make_gt_pairs.py"])
+def test_a_usage_error_is_printed_once(tmp_path, module):
+    """Every rank parses the same command line: the node's first prints argparse's error, the launcher nothing."""
+    target = ["-m", module] if module.startswith("megatron_regdpo") else [module]
+    rc, out = _run([*LAUNCHER, *target, "--no-such-flag"], tmp_path)
+    assert rc == 2 and out.count("usage:") == 1 and out.count(": error: ") == 1, out
+    _quiet(out)
+
+
 def test_a_crash_in_training_keeps_torchruns_report_with_the_traceback(tmp_path):
     """A learning rate that makes the loss NaN at step 2: FloatingPointError, uncaught (a crash, not a said
     error), on both ranks."""
