@@ -1,4 +1,4 @@
-"""Wan's fp32 elementwise steps, computed exactly as before but keeping only bf16 tensors for backward.
+"""Wan's fp32 elementwise steps, computed as the plain code does but keeping only bf16 tensors for backward.
 
 Legend: S tokens, B batch, D hidden (this rank's width W for the q/k norms), H heads, K head dim.
 
@@ -13,7 +13,9 @@ backward needs in the model's dtype (or nothing) and redoes the cheap fp32 arith
 - ContiguousGrad: not a saving; it keeps a strided gradient from reaching a frozen linear's backward;
 - RMSNormAcrossHeads: keeps x and the [S, B, 1] inverse RMS; its backward all-reduces the same [S, B, 1]
   statistic over TP that autograd's graph did, so the communication is unchanged.
-Forward values are bitwise those of the plain code; gradients equal to rounding (tests/unit/test_lean.py).
+Forward values are bitwise those of the plain code, except RoPE (a complex multiply) and the RMSNorm of a
+strided head view (its sum runs in another order): equal to rounding there; gradients equal to rounding
+(tests/unit/test_lean.py). Each recompute below is bitwise its forward: the same function, the same inputs.
 
 `recomputed_in_backward` goes one step further, for a tensor that a later op keeps (a linear keeps its input
 for the weight gradient, attention keeps q and k) but that is a cheap function of tensors kept anyway: the
