@@ -46,6 +46,7 @@ def narrow_to_local(sh: ShardedTensor, data: DTensor, local_data: torch.Tensor |
 
 
 GEOMETRY = "_fsdp2_checkpoint_geometry"
+EXTRA_STATE = "_extra_state"  # torch's state-dict suffix of a module's get_extra_state()
 
 
 def record_geometry(module: torch.nn.Module) -> None:
@@ -80,20 +81,24 @@ def local_shards(module: torch.nn.Module, dtype: torch.dtype | None = None) -> d
             narrowed = narrow_to_local(sh, p, local_data=p.to_local().to(dtype) if cast else None)
             if narrowed is not None:
                 out[name] = narrowed
-        elif name.endswith("._extra_state"):
-            owner = module.get_submodule(name[:-len("._extra_state")])
-            out[name] = dataclasses.replace(sh, data=owner.get_extra_state())
+        elif name.endswith(EXTRA_STATE):
+            out[name] = dataclasses.replace(sh, data=_owner(module, name).get_extra_state())
         else:
             raise ValueError(f"{name}: unexpected {type(sh).__name__} in an FSDP2 module's checkpoint description")
     return out
 
 
 def copy_into_shards(module: torch.nn.Module, loaded: dict) -> None:
-    """Copy loaded local shards (and whole buffers/extra state) into the FSDP2 module's tensors."""
+    """Copy loaded local shards (and whole buffers) into the FSDP2 module's tensors, and the loaded extra
+    state into its owning submodules. Extra state `loaded` lacks keeps the module's own (megatron_ckpt.
+    load_sharded's rule: a checkpoint written by the local backend has none of TE's FP8 metadata); any other
+    tensor it lacks is an error naming it."""
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
-            if name.endswith("_extra_state"):
+            if name.endswith(EXTRA_STATE):
+                if name in loaded:
+                    _owner(module, name).set_extra_state(loaded[name])
                 continue
             target = params.get(name, tensor)
             target = target.to_local() if isinstance(target, DTensor) else target
@@ -102,3 +107,8 @@ def copy_into_shards(module: torch.nn.Module, loaded: dict) -> None:
             if name not in loaded:
                 raise KeyError(f"checkpoint has no value for {name}")
             target.copy_(loaded[name].reshape(target.shape))
+
+
+def _owner(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The submodule whose get/set_extra_state the state-dict key `name` (`<path>._extra_state`) stands for."""
+    return module.get_submodule(name[:-len(EXTRA_STATE)].rstrip("."))

@@ -25,7 +25,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
-from .fsdp2_shards import copy_into_shards, is_sharded, local_shards
+from .fsdp2_shards import EXTRA_STATE, copy_into_shards, is_sharded, local_shards
 from .hints import not_a_checkpoint
 from .integrity import CheckpointError, verify, write_manifest
 from .safe_load import safe_unpickling
@@ -125,9 +125,6 @@ def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     wanted = model.sharded_state_dict()
     state = load_sharded(wanted, ckpt_dir)
     model.load_state_dict(with_own_extra_state(model, {k: v for k, v in state.items() if k in wanted}), strict=True)
-
-
-EXTRA_STATE = "_extra_state"
 
 
 def load_sharded(request: dict, ckpt_dir: str | Path) -> dict:

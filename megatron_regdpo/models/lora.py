@@ -261,12 +261,15 @@ def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_base_weights(model: torch.nn.Module, ckpt_dir) -> None:
-    """Load a checkpoint WITHOUT adapters (the base model) into a LoRA model, keeping its adapters as they are."""
-    from megatron_regdpo.checkpoint_io.megatron_ckpt import safe_dist_load  # checksums, no code from the files
+    """Load a checkpoint WITHOUT adapters (the base model) into a LoRA model, keeping its adapters as they are.
+    Either backend's checkpoint loads into either backend's model (megatron_ckpt.load_sharded: extra state the
+    checkpoint lacks keeps the model's own); a tensor the checkpoint lacks is an error naming it."""
+    from megatron_regdpo.checkpoint_io.megatron_ckpt import load_sharded, with_own_extra_state
 
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not is_lora_param(k)}
-    state = safe_dist_load(sharded, ckpt_dir)
-    result = model.load_state_dict(state, strict=False)
-    wrong = [k for k in result.missing_keys if not is_lora_param(k) and not k.endswith("_extra_state")]
+    state = load_sharded(sharded, ckpt_dir)  # checksums, no code from the files
+    loaded = with_own_extra_state(model, {k: v for k, v in state.items() if k in sharded})
+    result = model.load_state_dict(loaded, strict=False)
+    wrong = [k for k in result.missing_keys if not is_lora_param(k)]
     if wrong or result.unexpected_keys:
         raise KeyError(f"{ckpt_dir}: missing {wrong[:8]}, unexpected {result.unexpected_keys[:8]}")

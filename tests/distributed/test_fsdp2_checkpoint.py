@@ -8,14 +8,17 @@
   megatron's optimizer and the other way round with the master weights, moments and step bitwise equal.
 - The `resident` reference under FSDP2 is sharded like the policy (half the elements per rank at DP2), from
   the policy's weights or from a base checkpoint, and gives one rank's reference errors; so does `lora_base`.
+- Extra state (a te model's FP8 scaling metadata; here SDPA carrying extra state the way a TE module does, as
+  in tests/unit/test_checkpoint_extra_state.py) round-trips through an FSDP2 training checkpoint at DP2, and
+  through `load_model`; a checkpoint without it (the local backend's) leaves the model's own in place.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from _cases import make_payload
-from _fsdp_cases import reference_errors_case, run_fsdp_cases
+from _cases import ARCHS, make_payload
+from _fsdp_cases import OPTIM, reference_errors_case, run_fsdp_cases
 from _harness import run_world
 
 pytestmark = pytest.mark.distributed
@@ -132,3 +135,73 @@ def test_fsdp2_references_match_one_rank(index, world2, payload):
             assert _rel(errs, one["errs"][pair]) < RTOL, f"{layout['mode']} reference error of pair {pair}"
         if layout["mode"] == "resident":  # sharded over the two ranks
             assert r["ref_numel"] <= 0.55 * one["ref_numel"], (r["ref_numel"], one["ref_numel"])
+
+
+# ---- extra state (TE's FP8 metadata) through FSDP2 checkpoints ------------------------------------------
+
+WRITTEN, OWN = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([7.0, 7.0, 7.0])
+
+
+def _fsdp2_run(pg, seed: int, extra: torch.Tensor | None):
+    """The tiny model (its core attention carrying extra state `extra` + layer index, unless None) wrapped in
+    FSDP2 the trainer's way, with its optimizer."""
+    from types import SimpleNamespace
+
+    from megatron_regdpo.models.wan.attention import SDPAttention
+    from megatron_regdpo.models.wan.build import build_wan
+    from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
+    from megatron_regdpo.training.optimizer import build_optimizer
+
+    class ExtraStateSDPA(SDPAttention):
+        def get_extra_state(self):
+            return self.fp8_meta
+
+        def set_extra_state(self, state):
+            self.fp8_meta = state
+
+    torch.manual_seed(seed)
+    model = build_wan(ARCHS["t2v"], pg)
+    for n, layer in enumerate(model.decoder.layers if extra is not None else ()):
+        layer.self_attention.core_attention.__class__ = ExtraStateSDPA
+        layer.self_attention.core_attention.fp8_meta = extra + n
+    par = SimpleNamespace(tp=1, pp=1, cp=1, sequence_parallel=False, virtual_pp=None, distributed_optimizer=False,
+                          fsdp=True, grad_reduce_in_fp32=True)
+    chunk = wrap_data_parallel(model, par, pg)
+    return chunk, build_optimizer(OPTIM, par, torch.float32, [chunk], pg)
+
+
+def extra_state_rank(rank: int, world: int, root: str) -> dict:
+    """Checkpoints of a model with extra state (`te`) and without (`local`), each read by a model with its own
+    (OWN) through a resume and through load_model; the extra state each reader ends with."""
+    from pathlib import Path
+
+    from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
+    from megatron_regdpo.parallel.groups import init_distributed
+    from megatron_regdpo.training.checkpoint import Checkpointer
+
+    pg, out = init_distributed(), {}
+    for source, extra in (("te", WRITTEN), ("local", None)):
+        ckpt = Checkpointer(Path(root) / source, pg=pg)
+        path = ckpt.save(1, [(run := _fsdp2_run(pg, 1, extra))[0]], run[1], {})
+        resumed, opt = _fsdp2_run(pg, 2, OWN)
+        ckpt.load(path, [resumed], opt)
+        model_only, _ = _fsdp2_run(pg, 3, OWN)
+        load_model(model_only.module, path)  # how a resident reference reads its base checkpoint
+        for how, chunk in (("resumed", resumed), ("load_model", model_only)):
+            out[how, source] = [layer.self_attention.core_attention.fp8_meta for layer in chunk.module.decoder.layers]
+    return out
+
+
+@pytest.fixture(scope="module")
+def extra_world(tmp_path_factory):
+    return run_world(2, extra_state_rank, str(tmp_path_factory.mktemp("fsdp2_extra")))
+
+
+@pytest.mark.parametrize("how", ["resumed", "load_model"])
+@pytest.mark.parametrize("source, want", [("te", WRITTEN), ("local", OWN)], ids=["restored", "own kept if absent"])
+def test_fsdp2_checkpoint_extra_state(extra_world, how, source, want):
+    for rank in extra_world:
+        got = rank[how, source]
+        assert len(got) == ARCHS["t2v"].num_layers
+        for n, meta in enumerate(got):
+            assert torch.equal(meta, want + n), (how, source, n, meta)

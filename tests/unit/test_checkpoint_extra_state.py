@@ -3,7 +3,8 @@
 Transformer Engine cannot run here; what differs between a te and a local model in a checkpoint is the
 `_extra_state` objects of TE modules that local ones lack (TE's core attention keeps FP8 scaling metadata,
 our SDPA none). `ExtraStateSDPA` is our SDPA carrying extra state the way a TE module does, so a model
-with it stands for a te model in what it asks of a checkpoint.
+with it stands for a te model in what it asks of a checkpoint. Every loader goes through the same rule:
+`load_model` (a whole model) and `load_base_weights` (a base checkpoint into a LoRA model).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model, save_model
+from megatron_regdpo.models.lora import apply_lora, load_base_weights, lora_modules
 from megatron_regdpo.models.wan.arch import SIZES
 from megatron_regdpo.models.wan.attention import SDPAttention
 from megatron_regdpo.models.wan.build import build_wan
@@ -92,3 +94,36 @@ def test_a_missing_tensor_is_still_an_error_naming_it(pg, tmp_path):
     i2v = _build(pg, 7, dataclasses.replace(SIZES["debug"], image_dim=24, image_tokens=5))  # same shapes + image K/V
     with pytest.raises(ValueError, match=r"lacks 11 tensor\(s\) this model needs: condition.image_embedder"):
         load_model(i2v, tmp_path / "ck")
+
+
+def _lora_te_like(pg, seed, arch=SIZES["debug"]):
+    model = apply_lora(_with_extra_state(_build(pg, seed, arch)), 4, 8.0, seed=seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.normal_()  # not the zeros they start as: "untouched" then means something
+    return model
+
+
+def test_local_base_checkpoint_loads_into_a_lora_model_with_extra_state(pg, tmp_path):
+    local = _build(pg, 8)
+    save_model(local, tmp_path / "base", META)
+    te_like = _lora_te_like(pg, 9)
+    adapters = {k: v.clone() for k, v in te_like.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+    assert adapters
+    load_base_weights(te_like, tmp_path / "base")
+    base = {k: v for k, v in _tensors(te_like).items() if k not in adapters}
+    assert base.keys() == _tensors(local).keys()
+    for k, v in _tensors(local).items():
+        assert torch.equal(base[k], v), k
+    after = te_like.state_dict()
+    for k, v in adapters.items():
+        assert torch.equal(after[k], v), f"{k} changed by load_base_weights"
+    metas = [m.fp8_meta for m in te_like.modules() if isinstance(m, ExtraStateSDPA) and hasattr(m, "fp8_meta")]
+    assert metas and all(torch.equal(x, torch.zeros(3)) for x in metas)  # fresh extra state kept
+
+
+def test_load_base_weights_names_a_missing_tensor(pg, tmp_path):
+    save_model(_build(pg, 10), tmp_path / "t2v", META)
+    i2v = _lora_te_like(pg, 11, dataclasses.replace(SIZES["debug"], image_dim=24, image_tokens=5))
+    with pytest.raises(ValueError, match=r"lacks 11 tensor\(s\) this model needs: condition.image_embedder"):
+        load_base_weights(i2v, tmp_path / "t2v")

@@ -50,13 +50,17 @@ def _tag_tensor_parallel_weights(model: torch.nn.Module) -> None:
     norms, DDP and optimizers read. megatron-core 0.16-0.17 set them only inside initialisation, 0.18+
     and Transformer Engine's linears also when built to be loaded; megatron's setter asserts they are
     absent, so only unmarked weights are marked (whatever the version)."""
-    for module in model.modules():
+    for name, module in model.named_modules():
         split_dim = next((_SPLIT_DIMS[c.__name__] for c in type(module).__mro__ if c.__name__ in _SPLIT_DIMS), None)
         weight = getattr(module, "weight", None)
         if split_dim is None or weight is None:
             continue
         if hasattr(weight, "tensor_model_parallel"):
-            assert (weight.tensor_model_parallel, weight.partition_dim) == (True, split_dim), type(module).__name__
+            found = (weight.tensor_model_parallel, getattr(weight, "partition_dim", None))
+            if found != (True, split_dim):
+                raise ValueError(f"{name} ({type(module).__name__}): weight marked tensor_model_parallel="
+                                 f"{found[0]}, partition_dim={found[1]}; a {type(module).__name__} splits "
+                                 f"dim {split_dim}")
         else:
             set_tensor_model_parallel_attributes(weight, True, split_dim, 1)
 
