@@ -23,6 +23,7 @@ from megatron_regdpo.config import validate
 from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan
+from megatron_regdpo.models.wan.gelu import kernels_as_on_gpu
 from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
 from megatron_regdpo.parallel.data_parallel import wrap_data_parallel
@@ -121,7 +122,8 @@ def simulate_step(cfg, world_size: int, rank: int = 0, *, fake: bool = True, gra
     device = torch.device(device)
     tracker = MemoryTracker(granule=granule, fake=fake, device_type=device.type)
     world = fake_world(run_cfg.parallel, world_size, rank, seed=cfg.run.seed) if fake else nullcontext(pg)
-    with world as groups, (fake_tensor_mode() if fake else nullcontext()), tracker:
+    # the GPU's kernels, also where the step runs on real CPU tensors (the planner's validation)
+    with world as groups, (fake_tensor_mode() if fake else nullcontext()), tracker, kernels_as_on_gpu():
         result = _step(run_cfg, arch, layout, groups, tracker, on_step_start, device, on_built)
     result.rank, result.world_size, result.simulated_as = rank, world_size, replaced
     return result

@@ -29,6 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank
 
+from .gelu import gelu_and_recompute
 from .lean import GatedResidual, modulate, modulated_norm, norm_only, normed, recomputed_in_backward
 
 
@@ -109,12 +110,12 @@ def _keeping_as(h, redo, module, *args):
 class WanMLP(MegatronModule):
     """linear_fc1 -> tanh GELU -> linear_fc2, what megatron-core's MLP computes for Wan's config. Its own
     because of one saving: the GELU's output, which linear_fc2 keeps for its weight gradient (ffn-wide: the
-    largest tensor of the block), is recomputed in backward from the GELU's input, which the GELU keeps."""
+    largest tensor of the block), is recomputed in backward from the GELU's input, which the GELU keeps
+    (gelu.py: on CPU the recompute also hands the GELU's backward what it needs)."""
 
     def __init__(self, config, submodules, ffn_hidden_size: int, tp_group=None):
         super().__init__(config=config)
         d = config.hidden_size
-        self.activation_func = config.activation_func
         self.linear_fc1 = build_module(
             submodules.linear_fc1, d, ffn_hidden_size, config=config, init_method=config.init_method,
             gather_output=False, bias=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="fc1",
@@ -126,10 +127,10 @@ class WanMLP(MegatronModule):
 
     def forward(self, h_SBD: torch.Tensor) -> torch.Tensor:
         pre_SBF, _ = self.linear_fc1(h_SBD)
-        act_SBF = self.activation_func(pre_SBF)
+        act_SBF, recompute = gelu_and_recompute(pre_SBF)
         if not act_SBF.requires_grad:  # no graph: the GELU's input need not outlive it
-            del pre_SBF
+            del pre_SBF, recompute
             return self.linear_fc2(act_SBF)[0]
-        with recomputed_in_backward((act_SBF, partial(self.activation_func, pre_SBF))):
+        with recomputed_in_backward((act_SBF, recompute)):
             out_SBD, _ = self.linear_fc2(act_SBF)
         return out_SBD
