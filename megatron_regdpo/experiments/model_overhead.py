@@ -181,8 +181,8 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """name -> median seconds; each repeat runs every fn once, the order reversed on every other repeat."""
+def interleaved_times(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """name -> seconds of each repeat; each repeat runs every fn once, the order reversed on every other one."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -191,8 +191,20 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
             times[name].append(_seconds(fns[name]))
+    return times
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """name -> median seconds (and `name_min`, the fastest repeat), timed by interleaved_times."""
+    times = interleaved_times(fns, repeats, warmup)
     return {**{name: statistics.median(ts) for name, ts in times.items()},
             **{f"{name}_min": min(ts) for name, ts in times.items()}}
+
+
+def paired_ratio(a: list, b: list) -> float:
+    """The median over repeats of a[i] / b[i]: the two runs of a repeat are adjacent in time, so a slow
+    stretch of a shared machine (another VM, a burst of page faults) moves both."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def machine() -> dict:
@@ -213,10 +225,11 @@ def measure(shape: Shape, dtype_name: str, pg, repeats: int, warmup: int = 1) ->
     errors = parity(ours, ref, truth, rules, arch, inputs, out_grad)
     del truth
     saved_ours, saved_ref = saved_bytes(ours, inputs), saved_bytes(ref, inputs)
-    t = interleaved_medians({
+    times = interleaved_times({
         "ours_fwd": lambda: _forward(ours, inputs), "diffusers_fwd": lambda: _forward(ref, inputs),
         "ours_fwd_bwd": lambda: _forward_backward(ours, inputs, out_grad),
         "diffusers_fwd_bwd": lambda: _forward_backward(ref, inputs, out_grad)}, repeats, warmup)
+    t = {**{n: statistics.median(ts) for n, ts in times.items()}, **{f"{n}_min": min(ts) for n, ts in times.items()}}
     return {
         "bench": "model_overhead", "dtype": dtype_name, **dataclasses.asdict(shape),
         "latent_FHW": list(latent_grid(shape.tokens, arch.patch)), "repeats": repeats,
@@ -226,6 +239,9 @@ def measure(shape: Shape, dtype_name: str, pg, repeats: int, warmup: int = 1) ->
         # the fastest repeat of each: less sensitive than the median to other work on a shared machine
         "fwd_ratio_min": t["ours_fwd_min"] / t["diffusers_fwd_min"],
         "fwd_bwd_ratio_min": t["ours_fwd_bwd_min"] / t["diffusers_fwd_bwd_min"],
+        # the median of each repeat's own ratio: the least sensitive to drift (paired_ratio)
+        "fwd_ratio_paired": paired_ratio(times["ours_fwd"], times["diffusers_fwd"]),
+        "fwd_bwd_ratio_paired": paired_ratio(times["ours_fwd_bwd"], times["diffusers_fwd_bwd"]),
         "ours_saved_bytes": saved_ours["activations"], "diffusers_saved_bytes": saved_ref["activations"],
         "saved_ratio": saved_ours["activations"] / saved_ref["activations"],
         "saved_ratio_with_params": saved_ours["total"] / saved_ref["total"],
@@ -235,14 +251,15 @@ def measure(shape: Shape, dtype_name: str, pg, repeats: int, warmup: int = 1) ->
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| dtype | fwd ours / diffusers (ms) | ratio | fwd+bwd ours / diffusers (ms) | ratio | "
+    lines = ["| dtype | fwd ours / diffusers (ms) | ratio (paired) | fwd+bwd ours / diffusers (ms) | ratio (paired) | "
              "saved MiB ours / diffusers | ratio | out rel err ours / diffusers | grad rel err ours / diffusers "
              "(worst parameter; all as one vector) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['dtype']} | {1e3 * r['ours_fwd_s']:.1f} / {1e3 * r['diffusers_fwd_s']:.1f} | {r['fwd_ratio']:.2f} | "
-            f"{1e3 * r['ours_fwd_bwd_s']:.1f} / {1e3 * r['diffusers_fwd_bwd_s']:.1f} | {r['fwd_bwd_ratio']:.2f} | "
+            f"| {r['dtype']} | {1e3 * r['ours_fwd_s']:.1f} / {1e3 * r['diffusers_fwd_s']:.1f} | {r['fwd_ratio']:.2f} "
+            f"({r['fwd_ratio_paired']:.2f}) | {1e3 * r['ours_fwd_bwd_s']:.1f} / {1e3 * r['diffusers_fwd_bwd_s']:.1f} | "
+            f"{r['fwd_bwd_ratio']:.2f} ({r['fwd_bwd_ratio_paired']:.2f}) | "
             f"{r['ours_saved_bytes'] / 2**20:.1f} / {r['diffusers_saved_bytes'] / 2**20:.1f} | "
             f"{r['saved_ratio']:.2f} | {r['output_rel_err']:.1e} / {r['diffusers_output_rel_err']:.1e} | "
             f"{r['grad_rel_err']:.1e} / {r['diffusers_grad_rel_err']:.1e}; "

@@ -10,6 +10,7 @@ from conftest import tool
 pytest.importorskip("diffusers")
 
 FIELDS = ("ours_fwd_s", "diffusers_fwd_s", "ours_fwd_bwd_s", "diffusers_fwd_bwd_s", "fwd_ratio", "fwd_bwd_ratio",
+          "fwd_ratio_paired", "fwd_bwd_ratio_paired",
           "ours_saved_bytes", "diffusers_saved_bytes", "saved_ratio", "output_rel_err", "grad_rel_err",
           "diffusers_output_rel_err", "diffusers_grad_rel_err", "grad_rel_err_l2", "diffusers_grad_rel_err_l2")
 
