@@ -196,7 +196,10 @@ def interleaved_times(fns: dict, repeats: int, warmup: int = 1) -> dict:
 
 def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """name -> median seconds (and `name_min`, the fastest repeat), timed by interleaved_times."""
-    times = interleaved_times(fns, repeats, warmup)
+    return _medians(interleaved_times(fns, repeats, warmup))
+
+
+def _medians(times: dict) -> dict:
     return {**{name: statistics.median(ts) for name, ts in times.items()},
             **{f"{name}_min": min(ts) for name, ts in times.items()}}
 
@@ -229,7 +232,7 @@ def measure(shape: Shape, dtype_name: str, pg, repeats: int, warmup: int = 1) ->
         "ours_fwd": lambda: _forward(ours, inputs), "diffusers_fwd": lambda: _forward(ref, inputs),
         "ours_fwd_bwd": lambda: _forward_backward(ours, inputs, out_grad),
         "diffusers_fwd_bwd": lambda: _forward_backward(ref, inputs, out_grad)}, repeats, warmup)
-    t = {**{n: statistics.median(ts) for n, ts in times.items()}, **{f"{n}_min": min(ts) for n, ts in times.items()}}
+    t = _medians(times)
     return {
         "bench": "model_overhead", "dtype": dtype_name, **dataclasses.asdict(shape),
         "latent_FHW": list(latent_grid(shape.tokens, arch.patch)), "repeats": repeats,
