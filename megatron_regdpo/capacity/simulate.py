@@ -23,7 +23,7 @@ from megatron_regdpo.config import validate
 from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan
-from megatron_regdpo.models.wan.gelu import kernels_as_on_gpu
+from megatron_regdpo.models.wan.cpu_forms import kernels_as_on_gpu
 from megatron_regdpo.objectives.flow_matching import FlowMatchingSettings
 from megatron_regdpo.objectives.reg_dpo import RegDPOSettings
 from megatron_regdpo.parallel.data_parallel import wrap_data_parallel

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_regdpo.models.wan.gelu import gelu_and_recompute, gelu_tanh, kernels_as_on_gpu
+from megatron_regdpo.models.wan.cpu_forms import kernels_as_on_gpu
+from megatron_regdpo.models.wan.gelu import gelu_and_recompute, gelu_tanh
 from megatron_regdpo.models.wan.lean import recomputed_in_backward
 
 ULP = {torch.float32: torch.finfo(torch.float32).eps, torch.bfloat16: torch.finfo(torch.bfloat16).eps}

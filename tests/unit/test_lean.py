@@ -100,3 +100,32 @@ def test_no_fp32_token_sized_tensor_is_kept_for_backward():
     out.float().sum().backward()
     token_sized = [(dt, n) for dt, n in saved if n >= S * B * D]
     assert token_sized and all(dt == torch.bfloat16 for dt, _ in token_sized), token_sized
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_unit_weight_layer_norm_is_bitwise_torchs_without_a_weight(threads):
+    """The unit weight that lean.py hands torch's CPU LayerNorm (its faster path) changes no bit of the output,
+    the mean or the inverse std, over widths, row counts and magnitudes."""
+    from megatron_regdpo.models.wan.lean import unit_weight
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for shape in [(320, 2, 256), (7, 3, 64), (33, 1, 1536), (5, 13), (2, 8, 96)]:
+            for scale in (1.0, 1e3, 1e-3, 1e-8):
+                x = torch.randn(shape, generator=g) * scale + 3 * scale
+                d = shape[-1]
+                w = unit_weight(d, x.device)
+                assert w is not None and w.dtype == torch.float32 and not w.requires_grad
+                assert unit_weight(d, x.device) is w   # cached
+                plain = torch.native_layer_norm(x, (d,), None, None, 1e-6)
+                unit = torch.native_layer_norm(x, (d,), w, None, 1e-6)
+                for a, b in zip(plain, unit):
+                    assert torch.equal(a, b), (shape, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert unit_weight(8, torch.device("meta")) is None   # not CPU: torch's own path, nothing substituted
+    from megatron_regdpo.models.wan.cpu_forms import kernels_as_on_gpu
+    with kernels_as_on_gpu():   # the planner's simulated GPU step: torch's own path on CPU too
+        assert unit_weight(8, torch.device("cpu")) is None

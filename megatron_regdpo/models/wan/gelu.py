@@ -25,30 +25,17 @@ torch's own GELU and the recompute calls it again.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from contextvars import ContextVar
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from .cpu_forms import cpu_forms
+
 _K2 = 2 * math.sqrt(2 / math.pi)   # sigmoid's argument is _K2 * (x + _A x^3)
 _A = 0.044715
 # |x| beyond this: s (1 - s) is exactly 0 in fp32; clamping x there keeps x^2 finite in the derivative
 _X_FLAT = 30.0
-_AS_ON_GPU = ContextVar("gelu_as_on_gpu", default=False)
-
-
-@contextmanager
-def kernels_as_on_gpu():
-    """Within: torch's GELU on CPU too, so that a step's memory is the GPU's. The CPU form's backward holds
-    one more F-wide fp32 tensor (s, and for bf16 x's fp32 copy) for a moment; the capacity planner, which
-    simulates a GPU step, and its validation on real CPU tensors (capacity/simulate.py) run in here."""
-    token = _AS_ON_GPU.set(True)
-    try:
-        yield
-    finally:
-        _AS_ON_GPU.reset(token)
 
 
 def _sigmoid_of(x32: torch.Tensor) -> torch.Tensor:
@@ -104,9 +91,9 @@ def _recompute(x, parts: list):
 
 def gelu_and_recompute(pre: torch.Tensor):
     """(gelu_tanh(pre), a function recomputing it bitwise) for recomputed_in_backward (lean.py): the
-    graph keeps `pre` only. On CPU the sigmoid form above (outside `kernels_as_on_gpu`); elsewhere torch's
-    GELU (and its backward)."""
-    if pre.device.type != "cpu" or _AS_ON_GPU.get():
+    graph keeps `pre` only. On CPU the sigmoid form above (outside `kernels_as_on_gpu`, cpu_forms.py);
+    elsewhere torch's GELU (and its backward)."""
+    if not cpu_forms(pre.device):
         return F.gelu(pre, approximate="tanh"), partial(F.gelu, pre, approximate="tanh")
     parts: list = []
     return _TanhGelu.apply(pre, parts), partial(_recompute, pre, parts)

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from .cpu_forms import cpu_forms
+
 
 def modulate(norm, x, shift, scale):
     """modulated_norm's value (what a consumer's recipe recomputes in backward)."""
@@ -130,6 +132,25 @@ def norm_only(norm, x_SBD):
     return Fp32LayerNorm.apply(x_SBD, norm.eps, norm.weight, norm.bias, None, None)
 
 
+def unit_weight(d: int, device: torch.device) -> torch.Tensor | None:
+    """ones(d) in fp32 on a CPU device (cached), else None: what a LayerNorm without a weight is given.
+    torch's CPU LayerNorm forward takes a slower path without a weight (2x the time at D = 256 on this
+    project's CI CPU, 73 against 33 us for [640, 256] fp32, 2 threads); with a unit weight its output,
+    mean and inverse std are bitwise the same (tests/unit/test_lean.py). Elsewhere, and under
+    `kernels_as_on_gpu` (cpu_forms.py): None, torch's own path."""
+    if not cpu_forms(device):
+        return None
+    w = _UNIT.get(d)
+    if w is None:
+        w = torch.ones(d, dtype=torch.float32)
+        if type(w) is torch.Tensor:   # never cache a fake one (the planner's fake steps run as on GPU anyway)
+            _UNIT[d] = w
+    return w
+
+
+_UNIT: dict[int, torch.Tensor] = {}
+
+
 class Fp32LayerNorm(torch.autograd.Function):
     """y = layer_norm(x.float(), weight, bias), then, given them, y * (1 + scale) + shift (modulated norms
     have no weight or bias); cast to x's dtype. Keeps x (model dtype), the parameters and the [S, B, 1]
@@ -141,6 +162,8 @@ class Fp32LayerNorm(torch.autograd.Function):
     def forward(ctx, x_SBD, eps: float, weight, bias, shift_BD, scale_BD):
         x32 = x_SBD.float()
         w32, b32 = (t.float() if t is not None else None for t in (weight, bias))
+        if w32 is None:
+            w32 = unit_weight(x32.shape[-1], x32.device)
         y32, mean, rstd = torch.native_layer_norm(x32, (x32.shape[-1],), w32, b32, eps)
         ctx.save_for_backward(x_SBD, weight, bias, scale_BD, mean, rstd)
         if scale_BD is not None:

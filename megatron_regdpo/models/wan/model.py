@@ -30,6 +30,7 @@ from megatron_regdpo.parallel.context import chunk_bounds, gather_replicated
 from .arch import WanArch
 from .embeddings import ConditionEmbedder, Rope3D
 from .layer import WanLayer
+from .lean import Fp32LayerNorm
 
 CONDITION_INIT_SEED = 20251103  # same conditioning weights on every pipeline stage at random init
 
@@ -130,8 +131,9 @@ class WanModel(MegatronModule):
 
     def head(self, x_SBD, temb_BD) -> torch.Tensor:
         shift, scale = (self.scale_shift_table.float() + temb_BD.float()[:, None]).transpose(0, 1).unbind(0)
-        x_SBD = (nn.functional.layer_norm(x_SBD.float(), (x_SBD.shape[-1],), eps=self.arch.eps) * (1 + scale)
-                 + shift).type_as(x_SBD)
+        # (layer_norm(x.float()) * (1 + scale) + shift).type_as(x), keeping x and the norm's statistics rather
+        # than autograd's fp32 copies of x and of the normed x (lean.py)
+        x_SBD = Fp32LayerNorm.apply(x_SBD, self.arch.eps, None, None, shift, scale)
         return self.proj_out(x_SBD).transpose(0, 1)                      # [B, S, P]
 
     def patchify(self, x_BCFHW: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from .lean import RMSNormAcrossHeads
+from .lean import RMSNormAcrossHeads, unit_weight
 
 
 class FP32LayerNorm(MegatronModule):
@@ -40,7 +40,7 @@ class FP32LayerNorm(MegatronModule):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
+        w = self.weight.float() if self.weight is not None else unit_weight(self.hidden_size, x.device)
         b = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), (self.hidden_size,), w, b, self.eps)
 
@@ -58,6 +58,7 @@ class AcrossHeadsRMSNorm(MegatronModule):
         if hidden_size % tp:
             raise ValueError(f"q/k norm width {hidden_size} not divisible by tensor parallel size {tp}")
         self.full_width, self.eps = hidden_size, eps
+        self._sum_group = tp_group if tp > 1 else None   # None: nothing to all-reduce (no per-call check)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size // tp, dtype=config.params_dtype))
         setattr(self.weight, "tensor_model_parallel", tp > 1)
         setattr(self.weight, "partition_dim", 0)
@@ -65,7 +66,7 @@ class AcrossHeadsRMSNorm(MegatronModule):
 
     def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
         """`stats`, a list, receives the inverse RMS (see lean.RMSNormAcrossHeads)."""
-        return RMSNormAcrossHeads.apply(x, self.weight, self.tp_group, self.full_width, self.eps, stats)
+        return RMSNormAcrossHeads.apply(x, self.weight, self._sum_group, self.full_width, self.eps, stats)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)
