@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_layer import BaseTransformerLayer, ge
 from megatron.core.utils import get_pg_rank
 
 from .gelu import gelu_and_recompute
-from .lean import GatedResidual, modulate, modulated_norm, norm_only, normed, recomputed_in_backward
+from .lean import GatedResidual, modulated_norm, norm_only, normed, recomputed_in_backward
 
 
 @dataclass
@@ -81,14 +81,14 @@ class WanLayer(MegatronModule, BaseTransformerLayer):
         mod_6BD = (self.scale_shift_table.float() + modulation_B6D.float()).transpose(0, 1)
         shift, scale, gate, c_shift, c_scale, c_gate = mod_6BD.unbind(0)
 
-        # fp32 modulation and gates as Wan computes them, keeping only bf16 tensors for backward (lean.py);
-        # the attention norms' outputs, which the next linear keeps for its weight gradient, are recomputed
-        # in backward from the norm's input (which the norm keeps). The FFN's is kept (one D-wide tensor; its
-        # recompute was a LayerNorm and two passes): the block still keeps 0.57x (fp32) / 0.42x (bf16) of
+        # fp32 modulation and gates as Wan computes them, keeping only bf16 tensors for backward (lean.py).
+        # The cross-attention norm's output, which linear_q keeps for its weight gradient, is recomputed in
+        # backward from the norm's input (which the norm keeps). The modulated norms' outputs are kept (one
+        # D-wide tensor each): recomputing norm1's cost a LayerNorm, two passes and saved-tensor hooks over
+        # all of self-attention, ~1% of the step on CPU. The block keeps 0.59x (fp32) / 0.44x (bf16) of
         # diffusers' bytes (tools/bench_model.py, docs/benchmarks.md)
         h = modulated_norm(self.norm1, x_SBD, shift, scale)
-        x_SBD = GatedResidual.apply(x_SBD, _keeping_as(h, partial(modulate, self.norm1, x_SBD, shift, scale),
-                                                       self.self_attention, rotary_pos_emb), gate)
+        x_SBD = GatedResidual.apply(x_SBD, self.self_attention(h, rotary_pos_emb), gate)
 
         if self.norm2 is not None:
             h = norm_only(self.norm2, x_SBD)

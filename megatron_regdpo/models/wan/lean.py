@@ -33,11 +33,6 @@ import torch.distributed as dist
 from .cpu_forms import cpu_forms
 
 
-def modulate(norm, x, shift, scale):
-    """modulated_norm's value (what a consumer's recipe recomputes in backward)."""
-    return (norm(x) * (1 + scale) + shift).type_as(x)
-
-
 def normed(norm, x):
     """norm_only's value (what a consumer's recipe recomputes in backward)."""
     return norm(x).type_as(x)
@@ -155,8 +150,8 @@ class Fp32LayerNorm(torch.autograd.Function):
     """y = layer_norm(x.float(), weight, bias), then, given them, y * (1 + scale) + shift (modulated norms
     have no weight or bias); cast to x's dtype. Keeps x (model dtype), the parameters and the [S, B, 1]
     mean and inverse std: backward forms the normalised x once from them where scale needs it and hands
-    the rest to torch's own LayerNorm backward. Forward is bitwise `modulate` / `normed` (the same
-    kernel), which the consumer's recipe recomputes."""
+    the rest to torch's own LayerNorm backward. The affine norm's forward is bitwise `normed` (the
+    same kernel), which its consumer's recipe recomputes (models/wan/layer.py)."""
 
     @staticmethod
     def forward(ctx, x_SBD, eps: float, weight, bias, shift_BD, scale_BD):
