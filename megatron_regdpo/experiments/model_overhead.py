@@ -104,8 +104,10 @@ def _forward(model, inputs):
         return _call(model, inputs)
 
 
-def _forward_backward(model, inputs, out_grad):
-    for p in model.parameters():
+def _forward_backward(model, inputs, out_grad, params=None):
+    """One forward and backward from fresh (None) gradients. `params`: the model's parameters, listed once,
+    so that walking the module tree (megatron's is deeper than diffusers') is not timed as the model's."""
+    for p in params if params is not None else model.parameters():
         p.grad = None
     _call(model, inputs).backward(out_grad)
 
@@ -228,10 +230,11 @@ def measure(shape: Shape, dtype_name: str, pg, repeats: int, warmup: int = 1) ->
     errors = parity(ours, ref, truth, rules, arch, inputs, out_grad)
     del truth
     saved_ours, saved_ref = saved_bytes(ours, inputs), saved_bytes(ref, inputs)
+    ours_params, ref_params = list(ours.parameters()), list(ref.parameters())
     times = interleaved_times({
         "ours_fwd": lambda: _forward(ours, inputs), "diffusers_fwd": lambda: _forward(ref, inputs),
-        "ours_fwd_bwd": lambda: _forward_backward(ours, inputs, out_grad),
-        "diffusers_fwd_bwd": lambda: _forward_backward(ref, inputs, out_grad)}, repeats, warmup)
+        "ours_fwd_bwd": lambda: _forward_backward(ours, inputs, out_grad, ours_params),
+        "diffusers_fwd_bwd": lambda: _forward_backward(ref, inputs, out_grad, ref_params)}, repeats, warmup)
     t = _medians(times)
     return {
         "bench": "model_overhead", "dtype": dtype_name, **dataclasses.asdict(shape),

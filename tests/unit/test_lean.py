@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_regdpo.models.wan.lean import GatedResidual, Rope, RMSNormAcrossHeads, modulated_norm, norm_only
+from megatron_regdpo.models.wan.lean import GatedResidual, RMSNormAcrossHeads, modulated_norm, norm_only, rotate
 
 S, B, H, K = 6, 2, 4, 8
 D = H * K
@@ -60,14 +60,16 @@ def test_values_and_gradients_match_the_plain_code(dtype):
     shift, scale, gate = (0.1 * torch.randn(B, D).requires_grad_() for _ in range(3))
     _check(lambda x, b, g: (x.float() + b.float() * g).type_as(x), GatedResidual.apply, [x, branch, gate], dtype)
     angles = torch.randn(S, 1, 1, K // 2)
-    rope = torch.stack((angles.cos(), angles.sin()))
+    rope, turn = torch.stack((angles.cos(), angles.sin())), torch.complex(angles.cos(), angles.sin())
     q = torch.randn(S, B, H, K, requires_grad=True)
-    _check(_plain_rope, Rope.apply, [q, rope], dtype, bitwise=False)
-    # backward rotates back: the rotation and its inverse give x again
-    back = Rope._rotate(Rope._rotate(q.detach(), rope, 1.0), rope, -1.0)
-    torch.testing.assert_close(back, q.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rotate(q.detach(), turn), _plain_rope(q.detach(), rope), rtol=0, atol=1e-6)
+    # the rotation by the conjugate undoes it (what the backward applies to the gradient)
+    torch.testing.assert_close(rotate(rotate(q.detach(), turn), turn.conj()), q.detach(), rtol=1e-6, atol=1e-6)
     w = (1 + 0.1 * torch.randn(D)).requires_grad_()
     _check(_plain_rms, lambda x, w: RMSNormAcrossHeads.apply(x, w, None, D, 1e-6), [x, w], dtype)
+    # the norm of heads, then RoPE, in one function: the norm's value bitwise, the rotation to rounding
+    _check(lambda q, w: _plain_rope(_plain_rms(q.flatten(-2), w).unflatten(-1, (H, K)), rope),
+           lambda q, w: RMSNormAcrossHeads.apply(q, w, None, D, 1e-6, None, turn), [q, w], dtype, bitwise=False)
     # a head's slice of a fused projection, as [S, B, H, K] strided view: no copy, the same norm over H*K
     fused = torch.randn(S, B, H, 3 * K, requires_grad=True)
     _check(lambda f, w: _plain_rms(f[..., :K].flatten(-2), w).unflatten(-1, (H, K)),
@@ -91,11 +93,11 @@ def test_no_fp32_token_sized_tensor_is_kept_for_backward():
     x = torch.randn(S, B, D, dtype=torch.bfloat16, requires_grad=True)
     shift, scale, gate = (0.1 * torch.randn(B, D) for _ in range(3))
     angles = torch.randn(S, 1, 1, K // 2)
-    rope = torch.stack((angles.cos(), angles.sin()))
+    turn = torch.complex(angles.cos(), angles.sin())
     w = torch.ones(D, dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         h = modulated_norm(_Norm(affine=False), x, shift, scale)
-        q = Rope.apply(RMSNormAcrossHeads.apply(h, w, None, D, 1e-6).unflatten(-1, (H, K)), rope)
+        q = RMSNormAcrossHeads.apply(h.unflatten(-1, (H, K)), w, None, D, 1e-6, None, turn)
         out = GatedResidual.apply(x, q.flatten(-2), gate)
     out.float().sum().backward()
     token_sized = [(dt, n) for dt, n in saved if n >= S * B * D]

@@ -1,23 +1,23 @@
 """What models/wan/lean.py costs and saves, measured piece by piece (it has no switch in the model).
 
-lean.py computes Wan's fp32 elementwise steps (modulated norms, gated residuals, RoPE, the across-heads
-q/k RMSNorm) with the same values as the plain code but keeps only model-dtype tensors for backward. Its
+lean.py computes Wan's fp32 elementwise steps (modulated norms, gated residuals, the across-heads q/k
+RMSNorm, with RoPE for self-attention) with the same values as the plain code but keeps only model-dtype tensors for backward. Its
 effect on a whole step cannot be measured without a switch; what can be measured honestly is each piece
 against the plain expression it replaces, at the step's shape ([S, B, D] of one stacked pair): forward +
 backward time and the bytes autograd keeps for backward. A block runs: 2 modulated norms, 1 affine norm
-(counted as a modulated one), 2 gated residuals, RoPE on q and k, 3 RMSNorms on video tokens (self q, k;
-cross q). Legend: S tokens, B samples, D hidden, H heads, K head dim.
+(counted as a modulated one), 2 gated residuals, 2 RMSNorms with RoPE (self-attention's q and k), 1 without
+(cross-attention's q; the context's k is short). Legend: S tokens, B samples, D hidden, H heads, K head dim.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from megatron_regdpo.models.wan.lean import GatedResidual, Rope, RMSNormAcrossHeads, modulated_norm
+from megatron_regdpo.models.wan.lean import GatedResidual, RMSNormAcrossHeads, modulated_norm
 
 from .timing import median_seconds
 
-PER_BLOCK = {"modulated_norm": 3, "gated_residual": 2, "rope": 2, "rms_norm_across_heads": 3}
+PER_BLOCK = {"modulated_norm": 3, "gated_residual": 2, "rms_norm_rope": 2, "rms_norm_across_heads": 1}
 EPS = 1e-6
 
 
@@ -50,13 +50,15 @@ def _pieces(S: int, B: int, H: int, K: int, device, dtype) -> dict:
     q = rnd(S, B, H, K)
     angles = torch.randn(S, 1, 1, K // 2, device=device)
     rope = torch.stack((angles.cos(), angles.sin()))
+    turn = torch.complex(angles.cos(), angles.sin())
     w = (1 + 0.1 * torch.randn(D, device=device)).to(dtype).requires_grad_()
     return {
         "modulated_norm": (lambda x, s, c: modulated_norm(norm, x, s, c),
                            lambda x, s, c: (norm(x) * (1 + c) + s).type_as(x), (x, shift, scale)),
         "gated_residual": (GatedResidual.apply, lambda x, b, g: (x.float() + b.float() * g).to(x.dtype),
                            (x, branch, gate)),
-        "rope": (Rope.apply, _plain_rope, (q, rope)),
+        "rms_norm_rope": (lambda q, w: RMSNormAcrossHeads.apply(q, w, None, D, EPS, None, turn),
+                          lambda q, w: _plain_rope(_plain_rms(q.flatten(-2), w).unflatten(-1, (H, K)), rope), (q, w)),
         "rms_norm_across_heads": (lambda x, w: RMSNormAcrossHeads.apply(x, w, None, D, EPS), _plain_rms, (x, w)),
     }
 

@@ -22,7 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_regdpo.parallel.context import all_gather_seq
 
-from .lean import ContiguousGrad, Rope, recomputed_in_backward, rms_scaled
+from .lean import ContiguousGrad, recomputed_in_backward, rms_scaled, rotate
 
 SpecOrType = Union[ModuleSpec, type]
 
@@ -134,9 +134,7 @@ class _WanAttentionBase(MegatronModule):
         if not self._views:
             x_SBHK = x_SBHK.contiguous()
         stats = []
-        y = norm(x_SBHK, stats)
-        if rope is not None:
-            y = Rope.apply(y, rope)
+        y = norm(x_SBHK, stats, rope)
         if not y.requires_grad:
             return y, ()
         return y, ((y, partial(_renormed, x_SBHK, stats[0], norm.weight, rope)),)
@@ -148,7 +146,7 @@ class _WanAttentionBase(MegatronModule):
 def _renormed(x_SBHK, rs, weight, rope):
     """_normed's output again, bitwise, from the norm's input and inverse RMS."""
     y = rms_scaled(x_SBHK, rs, weight)
-    return y if rope is None else Rope._rotate(y, rope, 1.0)
+    return y if rope is None else rotate(y, rope, own=True)
 
 
 class WanSelfAttention(_WanAttentionBase):

@@ -74,8 +74,9 @@ class ConditionEmbedder(nn.Module):
 class Rope3D(nn.Module):
     """Wan's 3D rotary table: head dim split into frame/height/width bands (K - 4(K//6), 2(K//6), 2(K//6)).
 
-    `table(grid)` returns stack(cos, sin) of shape [2, S, 1, 1, K/2] for the flattened (f, h, w) token grid,
-    computed in float64 like the reference and stored in fp32.
+    `table(grid)` returns cos + i sin (complex64) of shape [S, 1, 1, K/2] for the flattened (f, h, w) token
+    grid: the angles' cosines and sines computed in float64 like the reference, each stored in fp32 (what
+    lean.rotate multiplies the pairs of q and k by).
     """
 
     def __init__(self, arch: WanArch):
@@ -95,4 +96,4 @@ class Rope3D(nn.Module):
         af, ah, aw = (self._angles(b, n, device) for b, n in zip(self.bands, grid))
         ang = torch.cat([af[:, None, None].expand(f, h, w, -1), ah[None, :, None].expand(f, h, w, -1),
                          aw[None, None, :].expand(f, h, w, -1)], dim=-1).reshape(f * h * w, 1, 1, -1)
-        return torch.stack([ang.cos(), ang.sin()]).float()
+        return torch.complex(ang.cos().float(), ang.sin().float())

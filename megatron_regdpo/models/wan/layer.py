@@ -8,7 +8,7 @@ lean.py keeps only model-dtype tensors of it for backward.
 
 TransformerBlock calls every layer with a fixed keyword set (hidden_states, attention_mask, context,
 context_mask, rotary_pos_emb, ...). A DiT has no attention mask, so the per-sample modulation travels in
-the `attention_mask` slot; the RoPE table travels in `rotary_pos_emb` as stack(cos, sin).
+the `attention_mask` slot; the RoPE table travels in `rotary_pos_emb` as cos + i sin (complex64).
 
 Full recompute is the layer's own (`recompute_full`, set by the spec): it checkpoints its whole forward
 with megatron-core's CheckpointFunction (TE's under FP8), keeping only its inputs, exactly what

@@ -9,10 +9,10 @@ backward needs in the model's dtype (or nothing) and redoes the cheap fp32 arith
 - Fp32LayerNorm (modulated_norm: norm, scale, shift; norm_only: the affine norm): keeps the bf16 input
   and the norm's [S, B, 1] statistics; backward forms the fp32 normed x from them where it needs it;
 - GatedResidual: x + branch * gate keeps branch and gate (x's gradient is the incoming one);
-- Rope: a rotation keeps only the angle table (its backward rotates back);
 - ContiguousGrad: not a saving; it keeps a strided gradient from reaching a frozen linear's backward;
-- RMSNormAcrossHeads: keeps x and the [S, B, 1] inverse RMS; its backward all-reduces the same [S, B, 1]
-  statistic over TP that autograd's graph did, so the communication is unchanged.
+- RMSNormAcrossHeads (then RoPE, in the same function): keeps x, the [S, B, 1] inverse RMS and the angle
+  table; its backward rotates back and all-reduces the same [S, B, 1] statistic over TP that autograd's
+  graph did, so the communication is unchanged.
 Forward values are bitwise those of the plain code, except RoPE (a complex multiply) and the RMSNorm of a
 strided head view (its sum runs in another order): equal to rounding there; gradients equal to rounding
 (tests/unit/test_lean.py). Each recompute below is bitwise its forward: the same function, the same inputs.
@@ -173,8 +173,8 @@ class Fp32LayerNorm(torch.autograd.Function):
         if scale is not None:   # no weight or bias here (modulated_norm)
             if ctx.needs_input_grad[4]:
                 d_shift = g32.sum_to_size(scale.shape).to(scale.dtype)
-            if ctx.needs_input_grad[5]:
-                d_scale = (g32 * ((x32 - mean) * rstd)).sum_to_size(scale.shape).to(scale.dtype)
+            if ctx.needs_input_grad[5]:   # the normalised x, formed in place: one fresh tensor
+                d_scale = (x32 - mean).mul_(rstd).mul_(g32).sum_to_size(scale.shape).to(scale.dtype)
             g32 = g32 * (1 + scale.float())
         want = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
         d_x, d_w, d_b = torch.ops.aten.native_layer_norm_backward(
@@ -218,74 +218,73 @@ class GatedResidual(torch.autograd.Function):
         return grad.to(ctx.x_dtype), d_branch, d_gate
 
 
-class Rope(torch.autograd.Function):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angles of rope = stack(cos, sin) [2, S, 1, 1, K/2],
-    in fp32, cast back; backward rotates the gradient back (keeps only the table). The pairs are rotated
-    as complex numbers, one vectorised multiply: (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i(x0 sin +
-    x1 cos), each product and sum rounded once, the same bits as the four real products on CPU
-    (tests/unit/test_lean.py compares them)."""
+def _rotated32(x, turn, own: bool = False):
+    """x's interleaved pairs (x[2i], x[2i+1]) rotated by `turn` (complex, [..., K/2], broadcast over x's
+    leading dims) as complex numbers, in fp32: one vectorised multiply, (x0 + i x1)(cos + i sin) = (x0 cos -
+    x1 sin) + i(x0 sin + x1 cos), each product and sum rounded once (the same bits as the four real
+    products on CPU; tests/unit/test_lean.py compares them). A real fp32 tensor that is no view of another
+    (what recomputed_in_backward recognises): x's fp32 copy, or x itself where the caller `own`s it, rotated
+    in place; else a fresh one."""
+    x32 = x.float()
+    if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
+        x32 = x32.contiguous()
+    if x32 is not x or (own and x._base is None):
+        torch.view_as_complex(x32.unflatten(-1, (-1, 2))).mul_(turn)
+        return x32
+    out = torch.empty(x32.shape, dtype=torch.float32, device=x32.device)
+    torch.mul(torch.view_as_complex(x32.unflatten(-1, (-1, 2))), turn,
+              out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+    return out
 
-    @staticmethod
-    def _rotate(x, rope, sign: float):
-        x32 = x.float()
-        if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
-            x32 = x32.contiguous()
-        cos, sin = rope[0].float(), rope[1].float()
-        turn = torch.complex(cos, sin if sign > 0 else -sin)
-        pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
-        # a fresh real tensor (not a view of a complex one): what recomputed_in_backward recognises
-        out = torch.empty(x32.shape, dtype=torch.float32, device=x32.device)
-        torch.mul(pairs, turn, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
-        return out.to(x.dtype)
 
-    @staticmethod
-    def forward(ctx, x_SBHK, rope):
-        ctx.save_for_backward(rope)
-        return Rope._rotate(x_SBHK, rope, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rope,) = ctx.saved_tensors
-        return Rope._rotate(grad, rope, -1.0), None
+def rotate(x, turn, own: bool = False):
+    """RoPE: x rotated by `turn` (Rope3D's table, cos + i sin) in fp32, cast to x's dtype; `own`: x is the
+    caller's own fresh tensor, which may be overwritten."""
+    return _rotated32(x, turn, own).to(x.dtype)
 
 
 class RMSNormAcrossHeads(torch.autograd.Function):
-    """y = x * rsqrt(mean over the full width of x^2 + eps) * weight, in fp32, cast to x's dtype. The width
-    is x's trailing dimension(s) that `weight` spans: [..., W], or [..., H, K] with H*K = W, which may be a
-    strided view (a head's slice of the fused QKV output: nothing is copied, the view is what is kept). The
-    mean square sums this rank's width and all-reduces over `group` (TP): forward and backward each reduce
-    one [..., 1] fp32 statistic, as autograd's graph of the plain code did. A list given as `stats`
-    receives the inverse RMS, with which `rms_scaled` recomputes y without communication."""
+    """y = x * rsqrt(mean over the full width of x^2 + eps) * weight, in fp32, cast to x's dtype; given a
+    RoPE table `turn`, then rotate(y, turn). The width is x's trailing dimension(s) that `weight` spans:
+    [..., W], or [..., H, K] with H*K = W, which may be a strided view (a head's slice of the fused QKV
+    output: nothing is copied, the view is what is kept). The mean square sums this rank's width and
+    all-reduces over `group` (TP): forward and backward each reduce one [..., 1] fp32 statistic, as
+    autograd's graph of the plain code did. Keeps x, the weight, the inverse RMS and the table; backward
+    rotates the gradient back (in fp32: no rounding between the rotation's backward and the norm's) and
+    differentiates the norm. A list given as `stats` receives the inverse RMS, with which `rms_scaled`
+    (and rotate) recompute the output without communication."""
 
     @staticmethod
-    def forward(ctx, x, weight, group, full_width: int, eps: float, stats: list | None = None):
+    def forward(ctx, x, weight, group, full_width: int, eps: float, stats: list | None = None, turn=None):
         dims, w = _width(x, weight)
         x32 = x.float()
         sq = x32.pow(2).sum(dims, keepdim=True)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(sq, group=group)
         rs = torch.rsqrt(sq / full_width + eps)
-        ctx.save_for_backward(x, weight, rs)
+        ctx.save_for_backward(x, weight, rs, turn)
         ctx.group, ctx.full_width, ctx.dims = group, full_width, dims
         if stats is not None:
             stats.append(rs)
-        return (x32 * rs * w.float()).to(x.dtype)
+        y = torch.mul(x32, rs).mul_(w.float()).to(x.dtype)
+        return y if turn is None else rotate(y, turn, own=True)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, rs = ctx.saved_tensors
+        x, weight, rs, turn = ctx.saved_tensors
         _, w = _width(x, weight)
-        x32, g32 = x.float(), grad.float()
+        x32 = x.float()
+        g32 = grad.float() if turn is None else _rotated32(grad, turn.conj())
         d_weight = None
         if ctx.needs_input_grad[1]:
             d_weight = (g32 * x32).mul_(rs).sum_to_size(w.shape).reshape(weight.shape).to(weight.dtype)
-        d_x_hat = g32 * w.float()
+        d_x_hat = g32 * w.float() if g32 is grad else g32.mul_(w.float())   # never write into grad
         # d/dx of x * rs: d_x_hat * rs + x * d(rs)/d(sum x^2) * 2 * sum(d_x_hat * x), the sum over the full width
         dot = (d_x_hat * x32).sum(ctx.dims, keepdim=True)
         if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
             dist.all_reduce(dot, group=ctx.group)
-        d_x = torch.addcmul(d_x_hat.mul_(rs), x32, dot.mul_(rs.pow(3)).mul_(-1.0 / ctx.full_width))
-        return d_x.to(x.dtype), d_weight, None, None, None, None
+        d_x = d_x_hat.mul_(rs).addcmul_(x32, dot.mul_(rs.pow(3)).mul_(-1.0 / ctx.full_width))
+        return d_x.to(x.dtype), d_weight, None, None, None, None, None
 
 
 def _width(x, weight):
@@ -297,4 +296,4 @@ def _width(x, weight):
 
 def rms_scaled(x, rs, weight):
     """RMSNormAcrossHeads' output from its input and inverse RMS (bitwise what its forward returns)."""
-    return (x.float() * rs * _width(x, weight)[1].float()).to(x.dtype)
+    return torch.mul(x.float(), rs).mul_(_width(x, weight)[1].float()).to(x.dtype)

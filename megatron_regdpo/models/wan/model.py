@@ -99,7 +99,7 @@ class WanModel(MegatronModule):
         temb_BD, modulation_B6D, context_BTD = self.condition(timestep_B, text_BTE, image_BIE)
         if self.sequence_parallel:
             modulation_B6D = sum_grad_over_group(modulation_B6D, self.tp_group)
-        rope = self.rope.table(grid, device=latents_BCFHW.device)[:, start:end]
+        rope = self.rope.table(grid, device=latents_BCFHW.device)[start:end]
         x_SBD = None
         if self.pre_process:
             x_SBD = self.patch_embedding(latents_BCFHW).flatten(2).permute(2, 0, 1)[start:end].contiguous()

@@ -64,9 +64,10 @@ class AcrossHeadsRMSNorm(MegatronModule):
         setattr(self.weight, "partition_dim", 0)
         setattr(self.weight, "partition_stride", 1)
 
-    def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
-        """`stats`, a list, receives the inverse RMS (see lean.RMSNormAcrossHeads)."""
-        return RMSNormAcrossHeads.apply(x, self.weight, self._sum_group, self.full_width, self.eps, stats)
+    def forward(self, x: torch.Tensor, stats: list | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """`stats`, a list, receives the inverse RMS; given `rope` (Rope3D's table), the output is rotated
+        (see lean.RMSNormAcrossHeads)."""
+        return RMSNormAcrossHeads.apply(x, self.weight, self._sum_group, self.full_width, self.eps, stats, rope)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)
