@@ -1,12 +1,13 @@
 """What models/wan/lean.py costs and saves, measured piece by piece (it has no switch in the model).
 
-lean.py computes Wan's fp32 elementwise steps (modulated norms, gated residuals, the across-heads q/k
-RMSNorm, with RoPE for self-attention) with the same values as the plain code but keeps only model-dtype tensors for backward. Its
-effect on a whole step cannot be measured without a switch; what can be measured honestly is each piece
-against the plain expression it replaces, at the step's shape ([S, B, D] of one stacked pair): forward +
-backward time and the bytes autograd keeps for backward. A block runs: 2 modulated norms, 1 affine norm
-(counted as a modulated one), 2 gated residuals, 2 RMSNorms with RoPE (self-attention's q and k), 1 without
-(cross-attention's q; the context's k is short). Legend: S tokens, B samples, D hidden, H heads, K head dim.
+lean.py computes Wan's fp32 elementwise steps (modulated norms, gated residuals, the across-heads q/k RMSNorm,
+with RoPE for self-attention) with the same values as the plain code but keeps only model-dtype tensors for
+backward. Its effect on a whole step cannot be measured without a switch; what can be measured honestly is
+each piece against the plain expression it replaces, at the step's shape ([S, B, D] of one stacked pair):
+forward + backward time and the bytes autograd keeps for backward. A block runs: 2 modulated norms, 1 affine
+norm (counted as a modulated one), 2 gated residuals, 2 RMSNorms with RoPE (self-attention's q and k), 1
+without (cross-attention's q; the context's k is short). Legend: S tokens, B samples, D hidden, H heads, K
+head dim.
 """
 from __future__ import annotations
 
