@@ -266,7 +266,7 @@ class RMSNormAcrossHeads(torch.autograd.Function):
         ctx.group, ctx.full_width, ctx.dims = group, full_width, dims
         if stats is not None:
             stats.append(rs)
-        y = torch.mul(x32, rs).mul_(w.float()).to(x.dtype)
+        y = _scaled(x32, rs, w, x.dtype)
         return y if turn is None else rotate(y, turn, own=True)
 
     @staticmethod
@@ -294,6 +294,11 @@ def _width(x, weight):
     return (-2, -1), weight.view(x.shape[-2:])
 
 
+def _scaled(x32, rs, w, dtype):
+    """x * rs * w in fp32, cast to dtype: the norm's value, one expression for its forward and recompute."""
+    return torch.mul(x32, rs).mul_(w.float()).to(dtype)
+
+
 def rms_scaled(x, rs, weight):
     """RMSNormAcrossHeads' output from its input and inverse RMS (bitwise what its forward returns)."""
-    return torch.mul(x.float(), rs).mul_(_width(x, weight)[1].float()).to(x.dtype)
+    return _scaled(x.float(), rs, _width(x, weight)[1], x.dtype)
