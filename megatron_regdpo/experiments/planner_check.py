@@ -58,6 +58,7 @@ def measure_rank(rank: int, world: int, payload: dict) -> dict:
 
     from megatron_regdpo.capacity.simulate import simulate_step
     from megatron_regdpo.config import from_dict
+    from megatron_regdpo.parallel.collective_wrap import settled_collectives
     from megatron_regdpo.parallel.groups import destroy_distributed, groups_from_config
 
     cfg = from_dict(payload["cfg"])
@@ -69,9 +70,12 @@ def measure_rank(rank: int, world: int, payload: dict) -> dict:
 
     pg = groups_from_config(cfg.parallel, seed=cfg.run.seed)
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    prof.start()
-    real = simulate_step(cfg, world, rank, fake=False, granule=1, pg=pg, on_step_start=mark)
-    prof.stop()
+    # settled: a gloo worker thread letting go of a collective's buffer after the caller did would move
+    # the real step's peak by that buffer in some runs (parallel/collective_wrap.py)
+    with settled_collectives() as unsettled:
+        prof.start()
+        real = simulate_step(cfg, world, rank, fake=False, granule=1, pg=pg, on_step_start=mark)
+        prof.stop()
     destroy_distributed()
     measured = measured_peaks(prof, marks["live"])
     planned = simulate_step(cfg, world, rank, fake=True, granule=1)
@@ -80,7 +84,7 @@ def measure_rank(rank: int, world: int, payload: dict) -> dict:
             "planned": {"whole_run": planned.peak_with_host_overall, "step": planned.peak_with_host},
             "tracked_real": {"whole_run": real.peak_with_host_overall, "step": real.peak_with_host},
             "planned_breakdown": planned.breakdown,
-            "planned_peak_phase": planned.peak_phase,
+            "planned_peak_phase": planned.peak_phase, "unsettled_collectives": unsettled["calls"],
             "layout": planned.layout, "tokens": planned.tokens}
 
 

@@ -5,24 +5,17 @@ counts the gathered (full) output; reduce_scatter counts the full input; point-t
 tensor sent or received. How many bytes actually cross a wire depends on the algorithm (ring:
 about 2(n-1)/n of an all-reduce's tensor); the table in docs/benchmarks.md uses this convention.
 
-The counter replaces the torch.distributed functions and every module-level alias of them that a
-loaded module holds (megatron-core binds `dist_all_gather_func = torch.distributed.all_gather_into_tensor`
-at import), and restores all of them on exit.
+The counter wraps every collective and its module-level aliases for the block (collective_wrap.py).
 """
 from __future__ import annotations
 
-import inspect
-import sys
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch.distributed as dist
 
-# batch_isend_irecv is not wrapped: it runs the isend/irecv of its P2POps, which are
-_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-        "send", "recv", "isend", "irecv", "all_to_all_single", "reduce_scatter",
-        "_all_gather_base", "_reduce_scatter_base")
-_P2P = ("send", "recv", "isend", "irecv")
+from .collective_wrap import P2P as _P2P
+from .collective_wrap import wrapped_collectives
 
 
 def _nbytes(t) -> int:
@@ -71,32 +64,13 @@ class CommCounter:
 def count_collectives():
     """Within the block every collective is counted; yields the CommCounter."""
     counter = CommCounter()
-    originals = {op: getattr(dist, op) for op in _OPS if hasattr(dist, op)}
-    wrapped = {}
-    for op, fn in originals.items():
-        sig = inspect.signature(fn)
 
-        def wrapper(*args, __op=op, __fn=fn, __sig=sig, **kwargs):
-            bound = __sig.bind(*args, **kwargs).arguments
-            counter.record(__op, _payload(__op, bound), bound.get("group"))
-            return __fn(*args, **kwargs)
-        wrapped[op] = wrapper
-    aliases = []  # (module, attribute, original) for every module-level alias of a wrapped function
-    by_id = {id(fn): op for op, fn in originals.items()}
-    for module in list(sys.modules.values()):
-        if module is None or module is dist:
-            continue
-        for attr, value in list(getattr(module, "__dict__", {}).items()):
-            if callable(value) and id(value) in by_id:
-                aliases.append((module, attr, value))
-    try:
-        for op, fn in wrapped.items():
-            setattr(dist, op, fn)
-        for module, attr, value in aliases:
-            setattr(module, attr, wrapped[by_id[id(value)]])
+    def wrap(op, fn, sig):
+        def counted(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs).arguments
+            counter.record(op, _payload(op, bound), bound.get("group"))
+            return fn(*args, **kwargs)
+        return counted
+
+    with wrapped_collectives(wrap):
         yield counter
-    finally:
-        for op, fn in originals.items():
-            setattr(dist, op, fn)
-        for module, attr, value in aliases:
-            setattr(module, attr, value)
