@@ -35,7 +35,7 @@ def test_plan_within_10_percent_of_measured_peak(case):
         # the tracker on the real run and the fake plan agree to a few bytes (the fake world's gradient-norm
         # shim makes a scalar or two differently): fake tensors change no bookkeeping. (The real run's
         # collectives are settled: a gloo worker freeing a buffer after its caller moved the peak by that
-        # buffer in ~1 run of 20, parallel/collective_wrap.py.) Except when the peak
+        # buffer in some runs, parallel/collective_wrap.py.) Except when the peak
         # is in the optimizer step: it branches on data the fake step cannot read (the gradient norm, inf
         # checks) and the fake step takes the costlier branch, so there the plan may only be higher
         for kind in ("step", "whole_run"):
