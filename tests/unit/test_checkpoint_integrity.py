@@ -75,15 +75,23 @@ def test_missing_metadata_is_an_error_naming_it(pg, ckpt):
 def test_garbage_common_state_without_manifest_is_one_clear_error(pg, ckpt):
     (ckpt / "checksums.json").unlink(missing_ok=True)   # as a checkpoint from before manifests
     (ckpt / "common.pt").write_bytes(b"\x80\x04garbage")  # 0.16 reads it; 0.19 reads it when present
-    with pytest.raises(ValueError, match=rf"checkpoint {ckpt}/common\.pt: is not a readable torch file"):
-        load_model(_fresh(pg), ckpt)
+    model = _fresh(pg)
+    wanted = rf"checkpoint {ckpt}/common\.pt: is not a readable torch file"
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match=wanted):
+        warnings.simplefilter("always")
+        load_model(model, ckpt)
+    assert any("no checksums.json" in str(w.message) for w in caught)   # unverified, and said so
 
 
 def test_garbage_metadata_without_manifest_names_it(pg, ckpt):
     (ckpt / "checksums.json").unlink(missing_ok=True)
     (ckpt / ".metadata").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(ValueError, match=rf"checkpoint {ckpt}/\.metadata: is not readable DCP metadata"):
-        load_model(_fresh(pg), ckpt)
+    model = _fresh(pg)
+    wanted = rf"checkpoint {ckpt}/\.metadata: is not readable DCP metadata"
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match=wanted):
+        warnings.simplefilter("always")
+        load_model(model, ckpt)
+    assert any("no checksums.json" in str(w.message) for w in caught)   # unverified, and said so
 
 
 def test_checkpoint_without_manifest_loads_with_one_warning(pg, ckpt):
