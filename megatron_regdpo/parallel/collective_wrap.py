@@ -7,7 +7,8 @@ import), and restores all of them on exit.
 `settled_collectives` serves memory measurement (the capacity planner's validation). A gloo collective
 runs on the process group's worker thread, which drops its references to the call's tensors a moment
 after the caller's `wait` returns (probed: after a synchronous `all_gather_into_tensor` of [160, 2, 256]
-fp32 on two ranks, ~9% of 2,000 calls still had the input referenced). A temporary that the caller drops
+fp32 on two ranks, ~9% of 2,000 calls still had the input referenced; gloo's reduce-scatter also reduces a
+copy of its input, which the worker frees). A temporary that the caller drops
 right away (a gradient reduce-scattered in backward, an input made contiguous for the call) is then freed
 either by the caller or, later, by the worker: which one is a race, so a measured peak could move by one
 such buffer from run to run. Inside the block every collective runs synchronously and returns only once
