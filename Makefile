@@ -11,6 +11,9 @@ COMPAT_PY   := $(COMPAT_VENV)/bin/python
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
 CHECK_IMPORTS := import torch, megatron.core, diffusers, zarr, nvidia.dali, av, triton; \
 	print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)
+# the Wan block's fused CPU kernels, compiled once into torch's extension cache (~20 s; kernels/wan_cpu)
+BUILD_KERNELS := from kernels import wan_cpu; ok, why = wan_cpu.status(); print('Wan CPU kernels:', why); \
+	raise SystemExit(0 if ok or why.startswith('disabled') else 1)
 
 .PHONY: demo test test-compat install install-compat gpu-check clean
 
@@ -24,6 +27,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]' > $(VENV)/install.log 2>&1 \
 		|| { cat $(VENV)/install.log; exit 1; }
 	$(PY) -c "$(CHECK_IMPORTS)"
+	$(PY) -c "$(BUILD_KERNELS)"
 	touch $(STAMP)
 
 # Same pinned stack, then megatron-core replaced by the newest release. Every release from 0.17 declares
@@ -36,6 +40,7 @@ $(COMPAT_STAMP): pyproject.toml $(CONSTRAINTS) constraints/mcore-latest.txt
 		&& $(COMPAT_PY) -m pip install -q --no-deps --ignore-requires-python -r constraints/mcore-latest.txt; } \
 		> $(COMPAT_VENV)/install.log 2>&1 || { cat $(COMPAT_VENV)/install.log; exit 1; }
 	$(COMPAT_PY) -c "$(CHECK_IMPORTS)"
+	$(COMPAT_PY) -c "$(BUILD_KERNELS)"
 	touch $(COMPAT_STAMP)
 
 demo: $(STAMP)

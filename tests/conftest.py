@@ -66,3 +66,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fused_cpu_kernels():
+    """The Wan block's fused CPU kernels (kernels/wan_cpu), built on first use. A machine that cannot build
+    them fails here (the CI machine has g++ and ninja); REGDPO_DISABLE_CPU_KERNELS=1 skips what needs them."""
+    from kernels import wan_cpu
+
+    ok, why = wan_cpu.status()
+    if not ok and why.startswith("disabled"):
+        pytest.skip(f"fused CPU kernels {why}")
+    assert ok, why
+    return wan_cpu.ops()

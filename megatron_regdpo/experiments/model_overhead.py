@@ -10,7 +10,9 @@ norm scales and biases are non-trivial) are streamed into ours through the check
   nests hooks of its own (models/wan/lean.py `recomputed_in_backward`), which pass every tensor they do
   not recompute on to this one;
 - parity: max relative error against diffusers' model in fp32 of the output and of every parameter's
-  gradient (the worst named), for ours and, in bf16, for diffusers' model in bf16 (its rounding alone).
+  gradient (the worst named), for ours and, in bf16, for diffusers' model in bf16 (its rounding alone);
+- ours' forward+backward once more with the Python code in place of the fused CPU kernels
+  (kernels/wan_cpu; `without_fused_kernels`), interleaved with the rest: what the kernels buy.
 Legend: B batch, C latent channels, F/H/W latent frames/height/width, T text tokens, E text width.
 """
 from __future__ import annotations
@@ -27,9 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import wan_cpu
 from megatron_regdpo.checkpoint_io.engine import to_ours
 from megatron_regdpo.models.wan.arch import WanArch
 from megatron_regdpo.models.wan.build import build_wan
+from megatron_regdpo.models.wan.cpu_forms import without_fused_kernels
 from megatron_regdpo.models.wan.mapping import wan_rules
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -234,7 +238,9 @@ def measure(shape: Shape, dtype_name: str, pg, repeats: int, warmup: int = 1) ->
     times = interleaved_times({
         "ours_fwd": lambda: _forward(ours, inputs), "diffusers_fwd": lambda: _forward(ref, inputs),
         "ours_fwd_bwd": lambda: _forward_backward(ours, inputs, out_grad, ours_params),
-        "diffusers_fwd_bwd": lambda: _forward_backward(ref, inputs, out_grad, ref_params)}, repeats, warmup)
+        "diffusers_fwd_bwd": lambda: _forward_backward(ref, inputs, out_grad, ref_params),
+        "ours_python_fwd_bwd": lambda: _python_steps(_forward_backward, ours, inputs, out_grad, ours_params)},
+        repeats, warmup)
     t = _medians(times)
     return {
         "bench": "model_overhead", "dtype": dtype_name, **dataclasses.asdict(shape),
@@ -248,6 +254,10 @@ def measure(shape: Shape, dtype_name: str, pg, repeats: int, warmup: int = 1) ->
         # the median of each repeat's own ratio: the least sensitive to drift (paired_ratio)
         "fwd_ratio_paired": paired_ratio(times["ours_fwd"], times["diffusers_fwd"]),
         "fwd_bwd_ratio_paired": paired_ratio(times["ours_fwd_bwd"], times["diffusers_fwd_bwd"]),
+        # the fused CPU kernels: whether they ran (else `ours` is the Python code too) and what they buy
+        "cpu_kernels": wan_cpu.status()[1],
+        "python_fwd_bwd_ratio_paired": paired_ratio(times["ours_python_fwd_bwd"], times["diffusers_fwd_bwd"]),
+        "fused_vs_python_paired": paired_ratio(times["ours_fwd_bwd"], times["ours_python_fwd_bwd"]),
         "ours_saved_bytes": saved_ours["activations"], "diffusers_saved_bytes": saved_ref["activations"],
         "saved_ratio": saved_ours["activations"] / saved_ref["activations"],
         "saved_ratio_with_params": saved_ours["total"] / saved_ref["total"],
@@ -256,16 +266,21 @@ def measure(shape: Shape, dtype_name: str, pg, repeats: int, warmup: int = 1) ->
     }
 
 
+def _python_steps(fn, *args):
+    with without_fused_kernels():
+        return fn(*args)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| dtype | fwd ours / diffusers (ms) | ratio (paired) | fwd+bwd ours / diffusers (ms) | ratio (paired) | "
-             "saved MiB ours / diffusers | ratio | out rel err ours / diffusers | grad rel err ours / diffusers "
-             "(worst parameter; all as one vector) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd ratio, Python steps (paired) | saved MiB ours / diffusers | ratio | out rel err ours / "
+             "diffusers | grad rel err ours / diffusers (worst parameter; all as one vector) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {1e3 * r['ours_fwd_s']:.1f} / {1e3 * r['diffusers_fwd_s']:.1f} | {r['fwd_ratio']:.2f} "
             f"({r['fwd_ratio_paired']:.2f}) | {1e3 * r['ours_fwd_bwd_s']:.1f} / {1e3 * r['diffusers_fwd_bwd_s']:.1f} | "
-            f"{r['fwd_bwd_ratio']:.2f} ({r['fwd_bwd_ratio_paired']:.2f}) | "
+            f"{r['fwd_bwd_ratio']:.2f} ({r['fwd_bwd_ratio_paired']:.2f}) | {r['python_fwd_bwd_ratio_paired']:.2f} | "
             f"{r['ours_saved_bytes'] / 2**20:.1f} / {r['diffusers_saved_bytes'] / 2**20:.1f} | "
             f"{r['saved_ratio']:.2f} | {r['output_rel_err']:.1e} / {r['diffusers_output_rel_err']:.1e} | "
             f"{r['grad_rel_err']:.1e} / {r['diffusers_grad_rel_err']:.1e}; "

@@ -12,10 +12,11 @@ pytest.importorskip("diffusers")
 FIELDS = ("ours_fwd_s", "diffusers_fwd_s", "ours_fwd_bwd_s", "diffusers_fwd_bwd_s", "fwd_ratio", "fwd_bwd_ratio",
           "fwd_ratio_paired", "fwd_bwd_ratio_paired",
           "ours_saved_bytes", "diffusers_saved_bytes", "saved_ratio", "output_rel_err", "grad_rel_err",
-          "diffusers_output_rel_err", "diffusers_grad_rel_err", "grad_rel_err_l2", "diffusers_grad_rel_err_l2")
+          "diffusers_output_rel_err", "diffusers_grad_rel_err", "grad_rel_err_l2", "diffusers_grad_rel_err_l2",
+          "ours_python_fwd_bwd_s", "python_fwd_bwd_ratio_paired", "fused_vs_python_paired")
 
 
-def test_quick_run_writes_rows_with_parity(tmp_path, capsys):
+def test_quick_run_writes_rows_with_parity(tmp_path, capsys, fused_cpu_kernels):
     out = tmp_path / "bench_model.jsonl"
     assert tool("bench_model").main(["--quick", "--dtype", "fp32,bf16", "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -24,6 +25,7 @@ def test_quick_run_writes_rows_with_parity(tmp_path, capsys):
     for r in rows:
         assert all(isinstance(r[k], (int, float)) and r[k] > 0 for k in FIELDS if "err" not in k), r
         assert r["machine"]["torch"] and r["repeats"] == 3 and len(r["latent_FHW"]) == 3
+        assert r["cpu_kernels"] == "built and loaded", r["cpu_kernels"]   # the fused CPU kernels ran
     fp32, bf16 = rows
     # fp32: the same function to rounding, every parameter's gradient included (as tests/unit/test_wan_parity.py)
     assert fp32["output_rel_err"] < 1e-5 and fp32["grad_rel_err"] < 1e-4, fp32

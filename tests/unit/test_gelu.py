@@ -1,6 +1,6 @@
 """models/wan/gelu.py: the FFN's tanh GELU equals torch's to rounding, values and gradients; its recompute is
 bitwise its forward; the gradient is the same whether or not the recompute left its parts; no NaN where
-torch's has none."""
+torch's has none. Each on both CPU paths: the Python code and the fused kernel (kernels/wan_cpu/gelu.cpp)."""
 from __future__ import annotations
 
 import math
@@ -9,11 +9,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_regdpo.models.wan.cpu_forms import kernels_as_on_gpu
+from megatron_regdpo.models.wan.cpu_forms import kernels_as_on_gpu, without_fused_kernels
 from megatron_regdpo.models.wan.gelu import gelu_and_recompute, gelu_tanh
 from megatron_regdpo.models.wan.lean import recomputed_in_backward
 
 ULP = {torch.float32: torch.finfo(torch.float32).eps, torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+
+
+@pytest.fixture(params=["python", "fused"])
+def path(request):
+    if request.param == "fused":
+        request.getfixturevalue("fused_cpu_kernels")
+        yield request.param
+        return
+    with without_fused_kernels():
+        yield request.param
+
+
+def _value(x):
+    """The GELU's value on the path in force (what training computes)."""
+    with torch.no_grad():
+        return gelu_and_recompute(x)[0]
 
 
 def _inputs(dtype):
@@ -28,9 +44,9 @@ def _exact(x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_values_equal_torch_tanh_gelu_to_rounding(dtype):
+def test_values_equal_torch_tanh_gelu_to_rounding(dtype, path):
     x = _inputs(dtype)
-    exact, ours, torchs = _exact(x), gelu_tanh(x).double(), F.gelu(x, approximate="tanh").double()
+    exact, ours, torchs = _exact(x), _value(x).double(), F.gelu(x, approximate="tanh").double()
     # relative to the exact value: a few roundings of the output dtype, where the sigmoid's argument z is
     # small; sigmoid(z) ~ exp(z) for z << 0 turns z's own rounding into a relative error |z| eps (fp32
     # arithmetic inside; below 1e-30 fp32's sigmoid underflows, as any fp32 kernel's would)
@@ -45,7 +61,7 @@ def test_values_equal_torch_tanh_gelu_to_rounding(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recomputed", [True, False], ids=["parts_from_recompute", "parts_recomputed"])
-def test_gradient_equals_torch_to_rounding(dtype, recomputed):
+def test_gradient_equals_torch_to_rounding(dtype, recomputed, path):
     x = _inputs(dtype).reshape(-1, 1).repeat(1, 3).requires_grad_()
     w = torch.randn(3, 5, dtype=dtype)
     g = torch.randn(x.shape[0], 5, dtype=dtype)
@@ -69,11 +85,19 @@ def test_gradient_equals_torch_to_rounding(dtype, recomputed):
     assert ours_err <= torch_err + 8 * ULP[dtype], (ours_err, torch_err)
 
 
-def test_recompute_is_bitwise_the_forward_and_hands_its_parts_over():
+def test_recompute_is_bitwise_the_forward(path):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _inputs(dtype).requires_grad_()
+        act, redo = gelu_and_recompute(x)
+        again = redo()
+        assert torch.equal(again, act) and again.data_ptr() != act.data_ptr()
+
+
+def test_the_python_recompute_hands_its_parts_over():
     x = _inputs(torch.float32).requires_grad_()
-    act, redo = gelu_and_recompute(x)
-    again = redo()
-    assert torch.equal(again, act) and again.data_ptr() != act.data_ptr()
+    with without_fused_kernels():
+        act, redo = gelu_and_recompute(x)
+    redo()
     parts = redo.args[1]
     assert len(parts) == 1   # what the GELU's backward takes...
     act.backward(torch.ones_like(act))
@@ -84,7 +108,8 @@ def test_the_two_backward_paths_agree_bitwise():
     grads, x0 = [], _inputs(torch.float32)
     for with_recompute in (True, False):
         x = x0.clone().requires_grad_()
-        act, redo = gelu_and_recompute(x)
+        with without_fused_kernels():
+            act, redo = gelu_and_recompute(x)
         if with_recompute:
             redo()
         act.backward(torch.linspace(-1, 1, act.numel()))
@@ -93,7 +118,7 @@ def test_the_two_backward_paths_agree_bitwise():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_extremes_stay_finite_where_torch_does(dtype):
+def test_extremes_stay_finite_where_torch_does(dtype, path):
     big = torch.tensor([3e38, -3e38, 1e20, -1e20, 1e36, -1e36, 40.0, -40.0, 7.0, -11.0]).to(dtype).requires_grad_()
     act, redo = gelu_and_recompute(big)
     redo()
@@ -106,11 +131,13 @@ def test_extremes_stay_finite_where_torch_does(dtype):
     assert torch.equal(act[act.abs() > 1e3], F.gelu(big.detach(), approximate="tanh")[act.abs() > 1e3])
 
 
-def test_no_graph_keeps_nothing():
+def test_no_graph_keeps_nothing(path):
     x = _inputs(torch.float32)
     with torch.no_grad():
         act, _ = gelu_and_recompute(x.requires_grad_())
-    assert not act.requires_grad and torch.equal(act, gelu_tanh(x))
+    assert not act.requires_grad and torch.equal(act, gelu_and_recompute(x)[0].detach())
+    if path == "python":
+        assert torch.equal(act, gelu_tanh(x))
 
 
 def test_as_on_gpu_runs_torchs_kernels_on_cpu():

@@ -1,12 +1,15 @@
-"""models/wan/lean.py: Wan's fp32 elementwise steps give the plain code's values (bitwise; RoPE to rounding) and gradients,
-while keeping no fp32 copy of a token-sized tensor for backward."""
+"""models/wan/lean.py and rope_norm.py: Wan's fp32 elementwise steps give the plain code's values (bitwise; RoPE to rounding) and gradients,
+while keeping no fp32 copy of a token-sized tensor for backward. With the fused CPU kernels (kernels/wan_cpu) the
+values are the plain code's to rounding (their sums run in another order), the gated residual's bitwise."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_regdpo.models.wan.lean import GatedResidual, RMSNormAcrossHeads, modulated_norm, norm_only, rotate
+from megatron_regdpo.models.wan.cpu_forms import without_fused_kernels
+from megatron_regdpo.models.wan.lean import GatedResidual, modulated_norm, norm_only
+from megatron_regdpo.models.wan.rope_norm import RMSNormAcrossHeads, rotate
 
 S, B, H, K = 6, 2, 4, 8
 D = H * K
@@ -54,8 +57,19 @@ def _check(plain, lean, inputs, dtype, bitwise=True):
             torch.testing.assert_close(tb.grad, ta.grad, **tol)
 
 
+@pytest.fixture(params=["python", "fused"])
+def exact(request):
+    """True: the Python code (bitwise the plain code); False: the fused CPU kernels (to rounding)."""
+    if request.param == "fused":
+        request.getfixturevalue("fused_cpu_kernels")
+        yield False
+        return
+    with without_fused_kernels():
+        yield True
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_values_and_gradients_match_the_plain_code(dtype):
+def test_values_and_gradients_match_the_plain_code(dtype, exact):
     x, branch = torch.randn(S, B, D, requires_grad=True), torch.randn(S, B, D, requires_grad=True)
     shift, scale, gate = (0.1 * torch.randn(B, D).requires_grad_() for _ in range(3))
     _check(lambda x, b, g: (x.float() + b.float() * g).type_as(x), GatedResidual.apply, [x, branch, gate], dtype)
@@ -66,7 +80,7 @@ def test_values_and_gradients_match_the_plain_code(dtype):
     # the rotation by the conjugate undoes it (what the backward applies to the gradient)
     torch.testing.assert_close(rotate(rotate(q.detach(), turn), turn.conj()), q.detach(), rtol=1e-6, atol=1e-6)
     w = (1 + 0.1 * torch.randn(D)).requires_grad_()
-    _check(_plain_rms, lambda x, w: RMSNormAcrossHeads.apply(x, w, None, D, 1e-6), [x, w], dtype)
+    _check(_plain_rms, lambda x, w: RMSNormAcrossHeads.apply(x, w, None, D, 1e-6), [x, w], dtype, exact)
     # the norm of heads, then RoPE, in one function: the norm's value bitwise, the rotation to rounding
     _check(lambda q, w: _plain_rope(_plain_rms(q.flatten(-2), w).unflatten(-1, (H, K)), rope),
            lambda q, w: RMSNormAcrossHeads.apply(q, w, None, D, 1e-6, None, turn), [q, w], dtype, bitwise=False)
@@ -76,14 +90,14 @@ def test_values_and_gradients_match_the_plain_code(dtype):
            lambda f, w: RMSNormAcrossHeads.apply(f[..., :K], w, None, D, 1e-6), [fused, w], dtype, bitwise=False)
     norm = _Norm(affine=False)
     _check(lambda x, s, c: (norm(x) * (1 + c) + s).type_as(x), lambda x, s, c: modulated_norm(norm, x, s, c),
-           [x, shift, scale], dtype)
+           [x, shift, scale], dtype, exact)
     affine = _Norm(affine=True)
     plain = affine.weight.grad
-    _check(lambda x: affine(x).type_as(x), lambda x: norm_only(affine, x), [x], dtype)
+    _check(lambda x: affine(x).type_as(x), lambda x: norm_only(affine, x), [x], dtype, exact)
     assert affine.weight.grad is not None and plain is None   # the checkpointed norm's parameters get gradients
 
 
-def test_no_fp32_token_sized_tensor_is_kept_for_backward():
+def test_no_fp32_token_sized_tensor_is_kept_for_backward(exact):
     saved = []
 
     def pack(t):

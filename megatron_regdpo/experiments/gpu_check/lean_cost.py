@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_regdpo.models.wan.lean import GatedResidual, RMSNormAcrossHeads, modulated_norm
+from megatron_regdpo.models.wan.lean import GatedResidual, modulated_norm
+from megatron_regdpo.models.wan.rope_norm import RMSNormAcrossHeads
 
 from .timing import median_seconds
 

@@ -22,7 +22,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_regdpo.parallel.context import all_gather_seq
 
-from .lean import ContiguousGrad, recomputed_in_backward, rms_scaled, rotate
+from .lean import ContiguousGrad, recomputed_in_backward
+from .rope_norm import rms_output
 
 SpecOrType = Union[ModuleSpec, type]
 
@@ -137,16 +138,10 @@ class _WanAttentionBase(MegatronModule):
         y = norm(x_SBHK, stats, rope)
         if not y.requires_grad:
             return y, ()
-        return y, ((y, partial(_renormed, x_SBHK, stats[0], norm.weight, rope)),)
+        return y, ((y, partial(rms_output, x_SBHK, stats[0], norm.weight, rope)),)
 
     def _value(self, v_SBHK):
         return v_SBHK if self._views else v_SBHK.contiguous()
-
-
-def _renormed(x_SBHK, rs, weight, rope):
-    """_normed's output again, bitwise, from the norm's input and inverse RMS."""
-    y = rms_scaled(x_SBHK, rs, weight)
-    return y if rope is None else rotate(y, rope, own=True)
 
 
 class WanSelfAttention(_WanAttentionBase):

@@ -76,7 +76,7 @@ class Rope3D(nn.Module):
 
     `table(grid)` returns cos + i sin (complex64) of shape [S, 1, 1, K/2] for the flattened (f, h, w) token
     grid: the angles' cosines and sines computed in float64 like the reference, each stored in fp32 (what
-    lean.rotate multiplies the pairs of q and k by).
+    rope_norm.rotate multiplies the pairs of q and k by).
     """
 
     def __init__(self, arch: WanArch):

@@ -19,8 +19,10 @@ for its weight gradient (models/wan/layer.py, WanMLP). torch's CPU kernels for t
   the two backward nodes.
 The recompute is bitwise the forward (the same function); both equal torch's tanh GELU to rounding
 (tests/unit/test_gelu.py; the sigmoid form is the more accurate of the two for large negative x, where
-1 + tanh(u) cancels). Elsewhere (CUDA) torch's fused kernels are one pass each, so there the activation is
-torch's own GELU and the recompute calls it again.
+1 + tanh(u) cancels). Where the fused CPU kernels are built (kernels/wan_cpu/gelu.cpp, cpu_forms.py
+`fused_kernels`), the same formulas run as one C++ pass each way instead: the forward (and its recompute, the
+same kernel) and a backward that forms s again from x, so nothing is handed over. Elsewhere (CUDA) torch's
+fused kernels are one pass each, so there the activation is torch's own GELU and the recompute calls it again.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .cpu_forms import cpu_forms
+from .cpu_forms import cpu_forms, fused_kernels
 
 _K2 = 2 * math.sqrt(2 / math.pi)   # sigmoid's argument is _K2 * (x + _A x^3)
 _A = 0.044715
@@ -83,10 +85,30 @@ class _TanhGelu(torch.autograd.Function):
         return _input_grad(grad, *parts).to(x.dtype), None
 
 
+class _FusedGelu(torch.autograd.Function):
+    """gelu_tanh through the fused CPU kernels (kernels/wan_cpu/gelu.cpp: the same formulas, one pass each
+    way), keeping x; backward forms the derivative from x alone."""
+
+    @staticmethod
+    def forward(ctx, x, kernels):
+        ctx.save_for_backward(x)
+        ctx.kernels = kernels
+        return kernels.gelu_forward(x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return ctx.kernels.gelu_backward(grad.to(x.dtype).contiguous(), x.contiguous()), None
+
+
 def _recompute(x, parts: list):
     act, kept = _with_parts(x)
     parts[:] = [kept]   # one slot: a second backward over a retained graph replaces it
     return act
+
+
+def _fused_value(kernels, x):
+    return kernels.gelu_forward(x.contiguous())
 
 
 def gelu_and_recompute(pre: torch.Tensor):
@@ -95,5 +117,8 @@ def gelu_and_recompute(pre: torch.Tensor):
     elsewhere torch's GELU (and its backward)."""
     if not cpu_forms(pre.device):
         return F.gelu(pre, approximate="tanh"), partial(F.gelu, pre, approximate="tanh")
+    kernels = fused_kernels(pre)
+    if kernels is not None:
+        return _FusedGelu.apply(pre, kernels), partial(_fused_value, kernels, pre)
     parts: list = []
     return _TanhGelu.apply(pre, parts), partial(_recompute, pre, parts)

@@ -10,12 +10,17 @@ backward needs in the model's dtype (or nothing) and redoes the cheap fp32 arith
   and the norm's [S, B, 1] statistics; backward forms the fp32 normed x from them where it needs it;
 - GatedResidual: x + branch * gate keeps branch and gate (x's gradient is the incoming one);
 - ContiguousGrad: not a saving; it keeps a strided gradient from reaching a frozen linear's backward;
-- RMSNormAcrossHeads (then RoPE, in the same function): keeps x, the [S, B, 1] inverse RMS and the angle
-  table; its backward rotates back and all-reduces the same [S, B, 1] statistic over TP that autograd's
-  graph did, so the communication is unchanged.
+- RMSNormAcrossHeads (then RoPE, in the same function; rope_norm.py): keeps x, the [S, B, 1] inverse RMS
+  and the angle table; its backward rotates back and all-reduces the same [S, B, 1] statistic over TP that
+  autograd's graph did, so the communication is unchanged.
 Forward values are bitwise those of the plain code, except RoPE (a complex multiply) and the RMSNorm of a
 strided head view (its sum runs in another order): equal to rounding there; gradients equal to rounding
 (tests/unit/test_lean.py). Each recompute below is bitwise its forward: the same function, the same inputs.
+
+On CPU the steps above run as fused C++ kernels (kernels/wan_cpu, where they are built; cpu_forms.py
+`fused_kernels`): the same values, one pass over the data each way, the sums (statistics, parameter gradients)
+in another order, so to rounding of the code here, which stays their reference and fallback (and the path on
+GPU). The fused forward and its recompute are the same kernel: bitwise equal.
 
 `recomputed_in_backward` goes one step further, for a tensor that a later op keeps (a linear keeps its input
 for the weight gradient, attention keeps q and k) but that is a cheap function of tensors kept anyway: the
@@ -28,14 +33,13 @@ import weakref
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
-from .cpu_forms import cpu_forms
+from .cpu_forms import cpu_forms, fused_kernels
 
 
 def normed(norm, x):
-    """norm_only's value (what a consumer's recipe recomputes in backward)."""
-    return norm(x).type_as(x)
+    """norm_only's value (what a consumer's recipe recomputes in backward): bitwise its forward's."""
+    return _layer_norm(x, norm.eps, norm.weight, norm.bias, None, None)[0]
 
 
 class _Recipe:
@@ -146,6 +150,33 @@ def unit_weight(d: int, device: torch.device) -> torch.Tensor | None:
 _UNIT: dict[int, torch.Tensor] = {}
 
 
+def _per_sample(t, x) -> bool:
+    """t (a shift, scale or gate) is what the fused kernels take for x [S, B, D]: fp32 [B, D], unit last stride."""
+    return t.dtype == torch.float32 and t.shape == x.shape[1:] and t.stride(-1) == 1
+
+
+def _fused_rows(x, *per_sample):
+    """The fused CPU kernels if they take x [S, B, D] and its per-sample tensors (None: no such tensor)."""
+    if x.dim() != 3 or not all(t is None or _per_sample(t, x) for t in per_sample):
+        return None
+    return fused_kernels(x)
+
+
+def _layer_norm(x, eps, weight, bias, shift, scale):
+    """Fp32LayerNorm's forward values: (y in x's dtype, mean, rstd), the statistics [S, B, 1] fp32."""
+    w32, b32 = (t.float() if t is not None else None for t in (weight, bias))
+    k = _fused_rows(x, shift, scale)
+    if k is not None:
+        return k.layer_norm_forward(x.contiguous(), eps, w32, b32, shift, scale)
+    x32 = x.float()
+    if w32 is None:
+        w32 = unit_weight(x32.shape[-1], x32.device)
+    y32, mean, rstd = torch.native_layer_norm(x32, (x32.shape[-1],), w32, b32, eps)
+    if scale is not None:
+        y32 = y32 * (1 + scale) + shift
+    return y32.to(x.dtype), mean, rstd
+
+
 class Fp32LayerNorm(torch.autograd.Function):
     """y = layer_norm(x.float(), weight, bias), then, given them, y * (1 + scale) + shift (modulated norms
     have no weight or bias); cast to x's dtype. Keeps x (model dtype), the parameters and the [S, B, 1]
@@ -155,19 +186,24 @@ class Fp32LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SBD, eps: float, weight, bias, shift_BD, scale_BD):
-        x32 = x_SBD.float()
-        w32, b32 = (t.float() if t is not None else None for t in (weight, bias))
-        if w32 is None:
-            w32 = unit_weight(x32.shape[-1], x32.device)
-        y32, mean, rstd = torch.native_layer_norm(x32, (x32.shape[-1],), w32, b32, eps)
+        y, mean, rstd = _layer_norm(x_SBD, eps, weight, bias, shift_BD, scale_BD)
         ctx.save_for_backward(x_SBD, weight, bias, scale_BD, mean, rstd)
-        if scale_BD is not None:
-            y32 = y32 * (1 + scale_BD) + shift_BD
-        return y32.to(x_SBD.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, scale, mean, rstd = ctx.saved_tensors
+        k = _fused_rows(x, scale)
+        if k is not None and grad.dtype == x.dtype:
+            w32 = weight.float() if weight is not None else None
+            d_x, d_gamma, d_beta = k.layer_norm_backward(grad.contiguous(), x.contiguous(), mean, rstd, w32, scale,
+                                                         ctx.needs_input_grad[0])
+            d_x = d_x if ctx.needs_input_grad[0] else None
+            if scale is not None:
+                return d_x, None, None, None, d_beta.to(scale.dtype), d_gamma.to(scale.dtype)
+            d_w, d_b = (d.view(t.shape).to(t.dtype) if t is not None else None
+                        for d, t in ((d_gamma, weight), (d_beta, bias)))
+            return d_x, None, d_w, d_b, None, None
         x32, g32 = x.float(), grad.float()
         d_shift = d_scale = None
         if scale is not None:   # no weight or bias here (modulated_norm)
@@ -207,98 +243,20 @@ class GatedResidual(torch.autograd.Function):
     def forward(ctx, x, branch, gate):
         ctx.save_for_backward(branch, gate)
         ctx.x_dtype = x.dtype
+        k = _fused_rows(x, gate)
+        if k is not None and branch.dtype == x.dtype and branch.shape == x.shape:
+            return k.gated_residual(x.contiguous(), branch.contiguous(), gate)
         return (x.float() + branch.float() * gate).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         branch, gate = ctx.saved_tensors
+        k = _fused_rows(branch, gate)
+        if k is not None and grad.dtype == branch.dtype:
+            d_branch, d_gate = k.gated_residual_backward(grad.contiguous(), branch.contiguous(), gate,
+                                                         ctx.needs_input_grad[2])
+            return grad.to(ctx.x_dtype), d_branch, d_gate.to(gate.dtype) if ctx.needs_input_grad[2] else None
         g32 = grad.float()
         d_branch = (g32 * gate).to(branch.dtype)
         d_gate = (g32 * branch.float()).sum_to_size(gate.shape).to(gate.dtype)
         return grad.to(ctx.x_dtype), d_branch, d_gate
-
-
-def _rotated32(x, turn, own: bool = False):
-    """x's interleaved pairs (x[2i], x[2i+1]) rotated by `turn` (complex, [..., K/2], broadcast over x's
-    leading dims) as complex numbers, in fp32: one vectorised multiply, (x0 + i x1)(cos + i sin) = (x0 cos -
-    x1 sin) + i(x0 sin + x1 cos), each product and sum rounded once (the same bits as the four real
-    products on CPU; tests/unit/test_lean.py compares them). A real fp32 tensor that is no view of another
-    (what recomputed_in_backward recognises): x's fp32 copy, or x itself where the caller `own`s it, rotated
-    in place; else a fresh one."""
-    x32 = x.float()
-    if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
-        x32 = x32.contiguous()
-    if x32 is not x or (own and x._base is None):
-        torch.view_as_complex(x32.unflatten(-1, (-1, 2))).mul_(turn)
-        return x32
-    out = torch.empty(x32.shape, dtype=torch.float32, device=x32.device)
-    torch.mul(torch.view_as_complex(x32.unflatten(-1, (-1, 2))), turn,
-              out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
-    return out
-
-
-def rotate(x, turn, own: bool = False):
-    """RoPE: x rotated by `turn` (Rope3D's table, cos + i sin) in fp32, cast to x's dtype; `own`: x is the
-    caller's own fresh tensor, which may be overwritten."""
-    return _rotated32(x, turn, own).to(x.dtype)
-
-
-class RMSNormAcrossHeads(torch.autograd.Function):
-    """y = x * rsqrt(mean over the full width of x^2 + eps) * weight, in fp32, cast to x's dtype; given a
-    RoPE table `turn`, then rotate(y, turn). The width is x's trailing dimension(s) that `weight` spans:
-    [..., W], or [..., H, K] with H*K = W, which may be a strided view (a head's slice of the fused QKV
-    output: nothing is copied, the view is what is kept). The mean square sums this rank's width and
-    all-reduces over `group` (TP): forward and backward each reduce one [..., 1] fp32 statistic, as
-    autograd's graph of the plain code did. Keeps x, the weight, the inverse RMS and the table; backward
-    rotates the gradient back (in fp32: no rounding between the rotation's backward and the norm's) and
-    differentiates the norm. A list given as `stats` receives the inverse RMS, with which `rms_scaled`
-    (and rotate) recompute the output without communication."""
-
-    @staticmethod
-    def forward(ctx, x, weight, group, full_width: int, eps: float, stats: list | None = None, turn=None):
-        dims, w = _width(x, weight)
-        x32 = x.float()
-        sq = x32.pow(2).sum(dims, keepdim=True)
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(sq, group=group)
-        rs = torch.rsqrt(sq / full_width + eps)
-        ctx.save_for_backward(x, weight, rs, turn)
-        ctx.group, ctx.full_width, ctx.dims = group, full_width, dims
-        if stats is not None:
-            stats.append(rs)
-        y = _scaled(x32, rs, w, x.dtype)
-        return y if turn is None else rotate(y, turn, own=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rs, turn = ctx.saved_tensors
-        _, w = _width(x, weight)
-        x32 = x.float()
-        g32 = grad.float() if turn is None else _rotated32(grad, turn.conj())
-        d_weight = None
-        if ctx.needs_input_grad[1]:
-            d_weight = (g32 * x32).mul_(rs).sum_to_size(w.shape).reshape(weight.shape).to(weight.dtype)
-        d_x_hat = g32 * w.float() if g32 is grad else g32.mul_(w.float())   # never write into grad
-        # d/dx of x * rs: d_x_hat * rs + x * d(rs)/d(sum x^2) * 2 * sum(d_x_hat * x), the sum over the full width
-        dot = (d_x_hat * x32).sum(ctx.dims, keepdim=True)
-        if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
-            dist.all_reduce(dot, group=ctx.group)
-        d_x = d_x_hat.mul_(rs).addcmul_(x32, dot.mul_(rs.pow(3)).mul_(-1.0 / ctx.full_width))
-        return d_x.to(x.dtype), d_weight, None, None, None, None, None
-
-
-def _width(x, weight):
-    """(the dims of x that the norm's width spans, weight shaped to them)."""
-    if x.shape[-1] == weight.numel():
-        return (-1,), weight
-    return (-2, -1), weight.view(x.shape[-2:])
-
-
-def _scaled(x32, rs, w, dtype):
-    """x * rs * w in fp32, cast to dtype: the norm's value, one expression for its forward and recompute."""
-    return torch.mul(x32, rs).mul_(w.float()).to(dtype)
-
-
-def rms_scaled(x, rs, weight):
-    """RMSNormAcrossHeads' output from its input and inverse RMS (bitwise what its forward returns)."""
-    return _scaled(x.float(), rs, _width(x, weight)[1], x.dtype)

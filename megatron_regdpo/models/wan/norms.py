@@ -17,7 +17,8 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from .lean import RMSNormAcrossHeads, unit_weight
+from .lean import unit_weight
+from .rope_norm import RMSNormAcrossHeads
 
 
 class FP32LayerNorm(MegatronModule):
@@ -66,7 +67,7 @@ class AcrossHeadsRMSNorm(MegatronModule):
 
     def forward(self, x: torch.Tensor, stats: list | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
         """`stats`, a list, receives the inverse RMS; given `rope` (Rope3D's table), the output is rotated
-        (see lean.RMSNormAcrossHeads)."""
+        (see rope_norm.RMSNormAcrossHeads)."""
         return RMSNormAcrossHeads.apply(x, self.weight, self._sum_group, self.full_width, self.eps, stats, rope)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
