@@ -200,30 +200,45 @@ struct Backward {  // the checked inputs of a backward kernel
   const float* turn_of(int64_t n) const { return tr != nullptr ? tr + (n / gx.B) * gx.K : nullptr; }
 };
 
-// Backward, first half (under TP): per row dot [S, B, 1, 1], which the caller all-reduces, and, wanted, the
-// weight's gradient [H * K] summed over rows.
-std::tuple<at::Tensor, at::Tensor> rms_backward_dot(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& rs,
-                                                    const at::Tensor& weight, const c10::optional<at::Tensor>& turn,
-                                                    bool want_weight) {
-  Backward bw(grad, x, rs, weight, turn);
+// The rows of a backward, chunked per thread: each row's dot, stored in `dot` where given, else used at once
+// for the row's d x (written to `dx`: the one-pass backward); the weight's gradient summed over rows into
+// `dw` where it is defined.
+void backward_rows(const Backward& bw, const at::Tensor& grad, const at::Tensor& x, float* dot, float neg_inv_width,
+                   at::Tensor* dx, at::Tensor& dw) {
   const Heads& gx = bw.gx;
   const int64_t W = gx.H * gx.K;
-  auto dot = at::empty({gx.S, gx.B, 1, 1}, x.options().dtype(at::kFloat));
-  auto dw = at::empty({want_weight ? W : 0}, x.options().dtype(at::kFloat));
-  float* d = dot.data_ptr<float>();
+  const bool want_weight = dw.numel() > 0;
   Chunks ch(gx.rows(), W);
   std::vector<float> part(want_weight ? ch.count * W : 0, 0.f);
   auto body = [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* op = dx != nullptr ? dx->data_ptr<scalar_t>() : nullptr;
     ch.run(gx.rows(), [&](int64_t c, int64_t begin, int64_t end) {
       float* acc = want_weight ? part.data() + c * W : nullptr;
-      for (int64_t n = begin; n < end; ++n) d[n] = row_dot(gx, bw.gg, xp, gp, n, bw.r[n], bw.turn_of(n), bw.w, acc);
+      for (int64_t n = begin; n < end; ++n) {
+        const float rn = bw.r[n];
+        const float* t = bw.turn_of(n);
+        const float d = row_dot(gx, bw.gg, xp, gp, n, rn, t, bw.w, acc);
+        if (op == nullptr) dot[n] = d;
+        else row_dx(gx, bw.gg, xp, gp, n, rn, d * (rn * rn * rn) * neg_inv_width, t, bw.w, op + n * W);
+      }
     });
   };
-  REGDPO_DISPATCH(x.scalar_type(), "rms_backward_dot", body);
+  REGDPO_DISPATCH(x.scalar_type(), "rms_backward", body);
   if (want_weight) reduce_chunks(part, ch.count, W, dw.data_ptr<float>());
+}
+
+// Backward, first half (under TP): per row dot [S, B, 1, 1], which the caller all-reduces, and, wanted, the
+// weight's gradient [H * K] summed over rows.
+std::tuple<at::Tensor, at::Tensor> rms_backward_dot(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& rs,
+                                                    const at::Tensor& weight, const c10::optional<at::Tensor>& turn,
+                                                    bool want_weight) {
+  Backward bw(grad, x, rs, weight, turn);
+  auto dot = at::empty({bw.gx.S, bw.gx.B, 1, 1}, x.options().dtype(at::kFloat));
+  auto dw = at::empty({want_weight ? bw.gx.H * bw.gx.K : 0}, x.options().dtype(at::kFloat));
+  backward_rows(bw, grad, x, dot.data_ptr<float>(), 0.f, nullptr, dw);
   return {dot, dw};
 }
 
@@ -260,30 +275,9 @@ std::tuple<at::Tensor, at::Tensor> rms_backward(const at::Tensor& grad, const at
                                                 const at::Tensor& weight, const c10::optional<at::Tensor>& turn,
                                                 bool want_weight, double neg_inv_width) {
   Backward bw(grad, x, rs, weight, turn);
-  const Heads& gx = bw.gx;
-  const int64_t W = gx.H * gx.K;
-  auto dx = at::empty({gx.S, gx.B, gx.H, gx.K}, x.options());
-  auto dw = at::empty({want_weight ? W : 0}, x.options().dtype(at::kFloat));
-  const float niw = static_cast<float>(neg_inv_width);
-  Chunks ch(gx.rows(), W);
-  std::vector<float> part(want_weight ? ch.count * W : 0, 0.f);
-  auto body = [&](auto tag) {
-    using scalar_t = decltype(tag);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
-    scalar_t* op = dx.data_ptr<scalar_t>();
-    ch.run(gx.rows(), [&](int64_t c, int64_t begin, int64_t end) {
-      float* acc = want_weight ? part.data() + c * W : nullptr;
-      for (int64_t n = begin; n < end; ++n) {
-        const float rn = bw.r[n];
-        const float* t = bw.turn_of(n);
-        const float dot = row_dot(gx, bw.gg, xp, gp, n, rn, t, bw.w, acc);
-        row_dx(gx, bw.gg, xp, gp, n, rn, dot * (rn * rn * rn) * niw, t, bw.w, op + n * W);
-      }
-    });
-  };
-  REGDPO_DISPATCH(x.scalar_type(), "rms_backward", body);
-  if (want_weight) reduce_chunks(part, ch.count, W, dw.data_ptr<float>());
+  auto dx = at::empty({bw.gx.S, bw.gx.B, bw.gx.H, bw.gx.K}, x.options());
+  auto dw = at::empty({want_weight ? bw.gx.H * bw.gx.K : 0}, x.options().dtype(at::kFloat));
+  backward_rows(bw, grad, x, nullptr, static_cast<float>(neg_inv_width), &dx, dw);
   return {dx, dw};
 }
 
