@@ -6,7 +6,9 @@
 One JSON line per dtype (appended to --out): forward (no graph) and forward+backward median seconds of
 both models, their ratios (ours / diffusers; `*_ratio_paired`: the median of each repeat's own ratio, the
 least sensitive to a shared machine's drift), the bytes autograd keeps for backward and their ratio, and
-the max relative error of the outputs and parameter gradients between the two. Then a markdown table.
+the max relative error of the outputs and parameter gradients between the two, and ours' forward+backward
+once more with the fused CPU kernels off (`python_fwd_bwd_ratio_paired`, `fused_vs_python_paired`; the row's
+`cpu_kernels` says whether they ran). Then a markdown table.
 --quick: a tiny shape and 3 repeats (checks the plumbing and parity; its timings mean nothing).
 Logic: megatron_regdpo/experiments/model_overhead.py.
 """
