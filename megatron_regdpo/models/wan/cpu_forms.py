@@ -5,9 +5,9 @@ on CPU tensors:
 - gelu.py: the tanh GELU as x * sigmoid(2u), its derivative formed from the recompute's sigmoid;
 - lean.py (`unit_weight`): a LayerNorm without a weight is handed a unit weight (torch's faster path; bitwise
   the same output and statistics);
-- lean.py: the modulated LayerNorm, the gated residual and the q/k RMSNorm + RoPE, forward and backward, run
-  as fused C++ kernels (kernels/wan_cpu, `fused_kernels`) where they are built: the Python code's values
-  with its sums in another order. Where they cannot be built, the Python code itself.
+- lean.py, rope_norm.py, gelu.py: the modulated LayerNorm, the gated residual, the q/k RMSNorm + RoPE and
+  that GELU, forward and backward, run as fused C++ kernels (kernels/wan_cpu, `fused_kernels`) where they
+  are built: the Python code's values with its sums in another order. Where they are not, the Python code.
 Elsewhere (CUDA) each step is torch's own kernel. `kernels_as_on_gpu` makes CPU tensors take the GPU's forms
 too, so that a step's memory is the GPU's: the capacity planner, which simulates a GPU step, and its
 validation on real CPU tensors (capacity/simulate.py) run in it.

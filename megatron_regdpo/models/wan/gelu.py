@@ -93,7 +93,7 @@ class _FusedGelu(torch.autograd.Function):
     def forward(ctx, x, kernels):
         ctx.save_for_backward(x)
         ctx.kernels = kernels
-        return kernels.gelu_forward(x.contiguous())
+        return _fused_value(kernels, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -108,13 +108,14 @@ def _recompute(x, parts: list):
 
 
 def _fused_value(kernels, x):
+    """The fused forward's value: what _FusedGelu returns and its recompute gives again (one kernel: bitwise)."""
     return kernels.gelu_forward(x.contiguous())
 
 
 def gelu_and_recompute(pre: torch.Tensor):
     """(gelu_tanh(pre), a function recomputing it bitwise) for recomputed_in_backward (lean.py): the
-    graph keeps `pre` only. On CPU the sigmoid form above (outside `kernels_as_on_gpu`, cpu_forms.py);
-    elsewhere torch's GELU (and its backward)."""
+    graph keeps `pre` only. On CPU the sigmoid form above (outside `kernels_as_on_gpu`, cpu_forms.py), as the
+    fused kernel where it is built; elsewhere torch's GELU (and its backward)."""
     if not cpu_forms(pre.device):
         return F.gelu(pre, approximate="tanh"), partial(F.gelu, pre, approximate="tanh")
     kernels = fused_kernels(pre)
