@@ -24,7 +24,7 @@ install-compat: $(COMPAT_STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned stack into $(VENV) (log: $(VENV)/install.log)"
-	@$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]' > $(VENV)/install.log 2>&1 \
+	@$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,logging]' > $(VENV)/install.log 2>&1 \
 		|| { cat $(VENV)/install.log; exit 1; }
 	$(PY) -c "$(CHECK_IMPORTS)"
 	$(PY) -c "$(BUILD_KERNELS)"
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 $(COMPAT_STAMP): pyproject.toml $(CONSTRAINTS) constraints/mcore-latest.txt
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	@echo "installing the pinned stack + newest megatron-core into $(COMPAT_VENV) (log: $(COMPAT_VENV)/install.log)"
-	@{ $(COMPAT_PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]' \
+	@{ $(COMPAT_PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,logging]' \
 		&& $(COMPAT_PY) -m pip install -q --no-deps --ignore-requires-python -r constraints/mcore-latest.txt; } \
 		> $(COMPAT_VENV)/install.log 2>&1 || { cat $(COMPAT_VENV)/install.log; exit 1; }
 	$(COMPAT_PY) -c "$(CHECK_IMPORTS)"

@@ -81,7 +81,8 @@ class MetricsLogger:
 
     RUN_DIR/metrics.jsonl (logging.jsonl): one JSON object per line, appended and flushed per step so that a
     killed run keeps every finished line (a resumed run appends; readers keep the last record of a step).
-    RUN_DIR/tensorboard/ (logging.tensorboard) and a W&B run (logging.wandb; project from $WANDB_PROJECT,
+    RUN_DIR/tensorboard/ (logging.tensorboard; a resumed run purges the events of the steps after its checkpoint
+    there, as in the JSONL) and a W&B run (logging.wandb; project from $WANDB_PROJECT,
     default "megatron_regdpo"; W&B's own $WANDB_RUN_ID and $WANDB_RESUME continue one run across restarts) are
     optional; a missing package fails on EVERY rank, before any step, so no rank waits on one that died.
     Console: format_summary every logging.interval steps; a tqdm bar when `progress` (default: stderr is a
@@ -106,8 +107,9 @@ class MetricsLogger:
             _drop_partial_last_line(self.path)
             _drop_rows_after(self.path, start_step)
             self._file = open(self.path, "a", encoding="utf-8")
-        if "tensorboard" in modules:
-            self._tb = modules["tensorboard"].SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if "tensorboard" in modules:   # a resumed run: TensorBoard drops the old events of the steps it repeats
+            self._tb = modules["tensorboard"].SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                                            purge_step=start_step + 1 if start_step else None)
         if "wandb" in modules:
             self._wandb_module = modules["wandb"]
             self._wandb = modules["wandb"].init(project=os.environ.get("WANDB_PROJECT", "megatron_regdpo"),

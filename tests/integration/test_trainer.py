@@ -1,5 +1,5 @@
 """The trainer end to end on a tiny GT-Pair store: exact resume, SIGTERM, non-finite steps, a kill
-during a checkpoint save."""
+during a checkpoint save, TensorBoard and W&B logging."""
 from __future__ import annotations
 
 import json
@@ -162,3 +162,43 @@ def test_damaged_checkpoint_at_resume_is_one_error_line(store, tmp_path, capsys)
     errors = [line for line in err if line.startswith("error:")]
     assert len(errors) == 1 and payload.name in errors[0] and "iter_0000001" in errors[0], err
     assert not any("Traceback" in line for line in err), err
+
+
+def test_tensorboard_and_wandb_log_what_the_jsonl_has(store, tmp_path):
+    """The trainer CLI with logging.tensorboard and logging.wandb (real packages, W&B offline): both get
+    every step's scalars as metrics.jsonl has them, W&B the resolved config; W&B's service ends with it."""
+    pytest.importorskip("wandb", reason="the `logging` extra (wandb) is not installed")
+    pytest.importorskip("tensorboard", reason="the `logging` extra (tensorboard) is not installed")
+    from _wandb_log import history, offline_env, wandb_left, wandb_records
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cmd = [sys.executable, "-m", "megatron_regdpo.train",
+           *_args(store, tmp_path, 2, "logging.tensorboard=true", "logging.wandb=true")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **offline_env(tmp_path)}
+    env.pop("WANDB_PROJECT", None)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout
+    left = wandb_left()
+    assert not left, [describe(p) for p in left]
+    jsonl = _metrics(tmp_path)
+    run_dir = tmp_path / "tiny-cpu"
+    scalars = {k for k, v in jsonl[0].items() if k not in ("step", "time") and isinstance(v, (int, float))}
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert set(events.Tags()["scalars"]) == scalars
+    for tag in ("loss/total", "dpo/dgr", "optim/grad_norm"):
+        got = events.Scalars(tag)
+        assert [e.step for e in got] == [m["step"] for m in jsonl], tag
+        assert [e.value for e in got] == pytest.approx([m[tag] for m in jsonl], rel=1e-6), tag  # float32 there
+
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert run.display_name == "tiny-cpu" and run.project == "megatron_regdpo"
+    assert config["objective"]["beta"] == 50 and config["data"]["store"] == str(store)
+    rows = history(records)
+    assert sorted(rows) == [1, 2]
+    for m in jsonl:
+        assert {k: rows[m["step"]][k] for k in scalars} == {k: m[k] for k in scalars}
