@@ -99,7 +99,8 @@ def _load(name: str) -> None:
 def _build():
     if os.environ.get(DISABLE_ENV, "0").strip().lower() not in ("", "0", "false", "no"):
         return None, f"disabled by {DISABLE_ENV}"
-    if not hasattr(torch.ops, NAME) or not hasattr(getattr(torch.ops, NAME), "rms_apply"):
+    # torch.ops makes a namespace on any attribute access; an operator's attribute exists once registered
+    if not hasattr(getattr(torch.ops, NAME), "rms_apply"):
         try:
             _load(_library_name())
         except Exception as e:  # noqa: BLE001 - the reason is the answer; the Python path still works
