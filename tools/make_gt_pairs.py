@@ -9,7 +9,8 @@
   torchrun --nproc-per-node N tools/make_gt_pairs.py generate ... [--tp T] [--cp C]
   (the negatives are what diffusers' Wan pipeline samples: give the base model's diffusers folder as
    --scheduler to use its scheduler_config.json; --solver/--shift then override its family/shift)
-  # negatives made by other generators: DIR/<generator>/<real_id>.<ext>
+  # negatives made by other generators: DIR/<generator>/<real_id>.<ext> (under torchrun: the files split over
+  # the ranks, each imported once)
   python tools/make_gt_pairs.py import --store STORE --from DIR [--vae PATH] [--report FILE]
   # look at them: N pairs decoded with the store's VAE, winner left and loser right (H.264 mp4 + index.json)
   python tools/make_gt_pairs.py preview --store STORE --out DIR [--n 8] [--generator NAME] [--vae PATH]
@@ -106,24 +107,30 @@ def generate(args) -> str | None:
             f"{result['already']} already there; pair index: {len(store.pair_index())} pairs")
 
 
-def import_(args) -> str:
+def import_(args) -> str | None:
+    """Every rank runs this (python, or torchrun: the files split over the ranks); rank 0 returns the summary."""
     from megatron_regdpo.data.encode import WanVAE
-    from megatron_regdpo.data.errors import SkipReport
+    from megatron_regdpo.data.errors import RoundReport
     from megatron_regdpo.data.negatives import decode_options_of, import_negatives
-
-    from megatron_regdpo.data.ranks import launched
+    from megatron_regdpo.data.ranks import open_store, start_job
     from megatron_regdpo.data.store import GTPairStore
 
-    if launched():
-        raise ValueError("import runs in one process: start it with python, not torchrun")
-    store = GTPairStore(args.store, mode="a")
-    vae = WanVAE.load(args.vae or store.attrs["vae"]["path"], args.device)
-    report_path = Path(args.report or Path(args.store) / "skipped_negatives.jsonl")
-    report_path.unlink(missing_ok=True)
-    report = SkipReport(report_path)
-    result = import_negatives(store, args.folder, vae, report, decode_options_of(store.attrs, args.device),
-                              not args.no_progress)
-    return (f"imported {result['imported']} negatives {result['per_generator']} in {result['seconds']} s; "
+    job = start_job(args.device)
+    try:
+        store = open_store(job, args.store, lambda: GTPairStore(args.store, mode="a"))
+        vae = WanVAE.load(args.vae or store.attrs["vae"]["path"], args.device)
+        report_path = Path(args.report or Path(args.store) / "skipped_negatives.jsonl")
+        if job.lead:
+            report_path.unlink(missing_ok=True)  # bad files are retried every run, so the report is per run
+        report = RoundReport(report_path if job.lead else None)  # rank 0 writes every rank's skips
+        result = import_negatives(store, args.folder, vae, report, decode_options_of(store.attrs, args.device),
+                                  not args.no_progress, job)
+    finally:
+        job.close()
+    if not job.lead:
+        return None
+    ranks = f" on {job.world} ranks" if job.world > 1 else ""
+    return (f"imported {result['imported']} negatives {result['per_generator']} in {result['seconds']} s{ranks}; "
             f"{result['already']} already there; {report.summary()}; pair index: {len(store.pair_index())} pairs")
 
 

@@ -28,6 +28,7 @@ REASONS = (
     "bad_caption",        # a caption .txt that is not UTF-8, or a captions.jsonl line that is not a valid entry
     "missing_video",      # a captions.jsonl line names a video that does not exist
     "no_real_clip",       # an imported negative names a real clip that is not in the store
+    "duplicate_negative", # a second imported file for one generator's negative of a clip (clip.mp4 and clip.webm)
     "unexpected_error",   # any other exception while reading/encoding this one file (logged with traceback)
 )
 MAX_UNEXPECTED_IN_A_ROW = 5  # then it is not the files: stop the run rather than skip a whole data set
@@ -88,6 +89,21 @@ class SkipReport:
         parts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.counts.items()))
         where = f" (see {self.path})" if self.path else ""
         return f"skipped {self.total}: {parts}{where}"
+
+
+class RoundReport(SkipReport):
+    """The SkipReport of one rank of a multi-rank data job (data/ranks.py): it keeps its last skip, which a
+    round hands to the other ranks; rank 0 (the only one with a path) writes every rank's skips down."""
+    last: tuple[str, str, str, str] | None = None   # (file, reason, detail, stage)
+
+    def add(self, err: BadInput, stage: str) -> None:
+        self.last = (err.path, err.reason, err.detail, stage)
+        super().add(err, stage)
+
+    def take(self, last: tuple[str, str, str, str]) -> None:
+        """Another rank's skip, as its `last` came out of a round: counted (and written down on rank 0)."""
+        path, reason, detail, stage = last
+        self.add(BadInput(path, reason, detail), stage)
 
 
 def read_report(path: str | Path) -> list[dict]:

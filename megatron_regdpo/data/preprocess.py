@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .decode import DecodeOptions, VideoDecoder
 from .encode import Encoders, ModelPaths, load_encoders
-from .errors import BadInput, SkipReport
+from .errors import BadInput, RoundReport, SkipReport
 from .inputs import InputVideo, scan_inputs
 from .progress import Bar
 from .ranks import Job, open_store, rounds, shard
@@ -93,7 +93,7 @@ def preprocess(opts: PreprocessOptions, job: Job | None = None) -> PreprocessSum
     report_path = Path(opts.report) if opts.report else Path(opts.store) / REPORT_FILE
     if job.lead:
         report_path.unlink(missing_ok=True)  # bad inputs are retried every run, so the report is per run
-    report = _RoundReport(report_path if job.lead else None)  # rank 0 writes every rank's skips
+    report = RoundReport(report_path if job.lead else None)  # rank 0 writes every rank's skips
     for problem in problems:  # captions.jsonl lines that name no usable video
         report.add(problem, "inputs")
     pending = [v for v in videos if not store.committed("real", v.sample_id)]
@@ -113,19 +113,8 @@ def preprocess(opts: PreprocessOptions, job: Job | None = None) -> PreprocessSum
         _ensure_text(job, store, encoders, caption)  # only a clip that decoded needs its text
         if caption is not None:
             store.write_real(video.sample_id, sample.pop("latents"), sample.pop("record"), **sample)
-        for rank, part in enumerate(job.sync(store, outcome)):
-            if part is None:
-                continue
-            bar.update(1)
-            if part[0] == "real":
-                backends[part[1]] += 1
-            elif rank != job.rank:  # another rank's skip: counted here, written to the report by rank 0
-                path, reason, detail, stage = part[1]
-                report.add(BadInput(path, reason, detail), stage)
-    bar.close()
-    if job.lead:
-        store.finalize()
-    job.barrier()  # nobody reads or leaves before the index is written
+        job.end_round(store, outcome, backends, report, bar)
+    job.finish(store, bar)
     return PreprocessSummary(sum(backends.values()), already, report, backends, len(store.records["real"]),
                              time.monotonic() - start, job.world)
 
@@ -142,15 +131,6 @@ def _ensure_text(job: Job, store: GTPairStore, enc: Encoders, caption: str | Non
         emb_BTE, mask_BT = enc.text.encode([caption])
         store.write_text(prompt_id(caption), emb_BTE[0], mask_BT[0], caption)
     job.sync(store)
-
-
-class _RoundReport(SkipReport):
-    """Keeps the last skip, so that a round can hand it to the other ranks (rank 0 writes it down)."""
-    last: tuple[str, str, str, str] | None = None
-
-    def add(self, err: BadInput, stage: str) -> None:
-        self.last = (err.path, err.reason, err.detail, stage)
-        super().add(err, stage)
 
 
 def encode_clip(video: InputVideo, decoder: VideoDecoder, enc: Encoders, opts: PreprocessOptions) -> dict:

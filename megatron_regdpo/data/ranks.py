@@ -64,6 +64,26 @@ class Job:
                       file=sys.stderr, flush=True)
         return [p for _, p in parts]
 
+    def end_round(self, store, outcome, counts, report, bar) -> None:
+        """End of a round of one item per group: `outcome` is this rank's, None (no item), ("skip", report.last)
+        or (kind, key). Every rank's outcome advances `bar`; a (kind, key) counts counts[key]; another rank's
+        skip goes to `report` (counted; rank 0 writes it down)."""
+        for rank, part in enumerate(self.sync(store, outcome)):
+            if part is None:
+                continue
+            bar.update(1)
+            if part[0] != "skip":
+                counts[part[1]] += 1
+            elif rank != self.rank:
+                report.take(part[1])
+
+    def finish(self, store, bar) -> None:
+        """After the last round: rank 0 rewrites the store's index; nobody reads or leaves before it is written."""
+        bar.close()
+        if self.lead:
+            store.finalize()
+        self.barrier()
+
     def agree(self, error: str | None) -> None:
         """Raise ValueError on every rank when any rank had an error (the first one's message): a failed open
         on rank 0 stops all ranks at once instead of leaving them waiting in a collective."""

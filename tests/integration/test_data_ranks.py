@@ -1,6 +1,7 @@
-"""The data tools under real torchrun on CPU (gloo): preprocessing and negative generation split over ranks,
-each clip done exactly once, resumable after the whole job is SIGKILLed, and the same store as one rank:
-preprocessing at 2 ranks bitwise, negatives at DP2, TP2 and CP2 within 1e-5 (fp32)."""
+"""The data tools under real torchrun on CPU (gloo): preprocessing, negative generation and the import of other
+generators' negatives split over ranks, each clip done exactly once, resumable after the whole job is SIGKILLed,
+and the same store as one rank: preprocessing and import at 2 ranks bitwise, negatives at DP2, TP2 and CP2
+within 1e-5 (fp32)."""
 from __future__ import annotations
 
 import json
@@ -141,6 +142,43 @@ def test_negatives_on_two_ranks_at_dp_tp_and_cp_resumable_and_equal_to_one_rank(
             assert err <= 1e-5, (name, key, err)
         records = [json.loads(line) for line in (stores[name] / "commits.jsonl").read_text().splitlines()]
         assert sum(r["kind"] == "generated" for r in records) == 2 * N_CLIPS  # each negative committed once
+
+
+def _negatives_folder(root: Path) -> Path:
+    """Other generators' videos for the store's clips, with one broken file, one for no real clip and one
+    naming a negative twice (another container of the same clip)."""
+    negs = root / "negatives"
+    for i in range(N_CLIPS):
+        write_video(negs / ("otherA" if i % 3 else "otherB") / f"clip{i}.webm", "vp9", 80 + 16 * (i % 3), 48, 30, 24)
+    write_video(negs / "otherA" / "clip1.mkv", "vp9", 80, 48, 30, 24)       # a second otherA clip1
+    write_video(negs / "otherB" / "nosuchclip.webm", "vp9", 80, 48, 30, 24)
+    (negs / "otherB" / "clip4.webm").write_bytes(b"not a video")           # a broken one for a real clip
+    return negs
+
+
+def test_import_on_two_ranks_is_exactly_once_resumable_and_equal_to_one_rank(inputs, one_rank_store, tmp_path):
+    negs = _negatives_folder(tmp_path)
+    stores = {name: tmp_path / f"{name}.zarr" for name in ("one", "two")}
+    for store in stores.values():
+        shutil.copytree(one_rank_store, store)
+    args = lambda store: ["import", "--store", str(store), "--from", str(negs), "--no-progress"]  # noqa: E731
+    want = "imported 7 negatives {'otherA': 4, 'otherB': 3}"   # 10 files: 1 broken, 1 unknown clip, 1 twice
+    out = _run("make_gt_pairs", args(stores["one"]))
+    assert want in out and "skipped 3: corrupt 1, duplicate_negative 1, no_real_clip 1" in out, out
+    made = _kill_after(_cmd("make_gt_pairs", args(stores["two"]), 2), stores["two"], "generated", 2)  # killed ...
+    assert 2 <= made < 7
+    out = _run("make_gt_pairs", args(stores["two"]), ranks=2)                                        # ... resumed
+    assert f"imported {7 - made} negatives" in out and f"{made} already there" in out and "on 2 ranks" in out
+    assert "skipped 3: corrupt 1, duplicate_negative 1, no_real_clip 1" in out and out.count("imported") == 1
+    reasons = sorted(json.loads(line)["reason"] for line in (stores["two"] / "skipped_negatives.jsonl").open())
+    assert reasons == ["corrupt", "duplicate_negative", "no_real_clip"]   # every rank's skips, written once
+    one, two = GTPairStore(stores["one"]), GTPairStore(stores["two"])
+    a, b = _arrays(one, "generated"), _arrays(two, "generated")
+    assert len(a) == 7 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert check_store(stores["two"]).ok
+    records = [json.loads(line) for line in (stores["two"] / "commits.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "generated" for r in records) == 7   # each negative committed once
+    assert one.records["generated"] == two.records["generated"]
 
 
 def test_a_bad_layout_is_one_error_line(inputs, one_rank_store):

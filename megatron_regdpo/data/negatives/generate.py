@@ -115,10 +115,7 @@ def generate_negatives(store: GTPairStore, model, arch, opts: SamplerOptions, ge
         parts = [n for n in job.sync(store, wrote) if n is not None]
         made += sum(parts)
         bar.update(len(parts))
-    bar.close()
-    if job.lead:
-        store.finalize()
-    job.barrier()  # nobody reads or leaves before the index is written
+    job.finish(store, bar)
     return {"generated": made, "already": already, "seconds": round(time.monotonic() - start, 2)}
 
 

@@ -1,6 +1,10 @@
 """Negatives made elsewhere: a folder `<generator>/<real_id>.<ext>` of videos from other generators (the paper
 used five). Each is decoded and normalised exactly like its real clip (same fps, frame count and output
 size), VAE-encoded, and committed as negative k=0 of that generator. Bad files are skipped and reported.
+
+Under torchrun the files are split over the ranks like preprocessing's clips (data/ranks.py): each is
+encoded once, rank 0 commits after every round and writes every rank's skips; a rerun after a kill does
+what is left. The store is the same whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ from pathlib import Path
 
 from megatron_regdpo.data.decode import DecodeOptions, VideoDecoder
 from megatron_regdpo.data.encode import WanVAE
-from megatron_regdpo.data.errors import BadInput, SkipReport
+from megatron_regdpo.data.errors import BadInput, RoundReport
 from megatron_regdpo.data.inputs import VIDEO_EXTS
-from megatron_regdpo.data.progress import progress
+from megatron_regdpo.data.progress import Bar
+from megatron_regdpo.data.ranks import Job, rounds, shard
 from megatron_regdpo.data.store import GTPairStore, safe_id
 
 from .generate import negative_id
@@ -23,37 +28,54 @@ def decode_options_of(attrs: dict, device: str = "cpu") -> DecodeOptions:
                          bucket=attrs["bucket"], device=device)
 
 
-def import_negatives(store: GTPairStore, folder: str | Path, vae: WanVAE, report: SkipReport,
-                     decode: DecodeOptions | None = None, show_progress: bool = True) -> dict:
-    folder = Path(folder)
+def import_negatives(store: GTPairStore, folder: str | Path, vae: WanVAE, report: RoundReport,
+                     decode: DecodeOptions | None = None, show_progress: bool = True, job: Job | None = None) -> dict:
+    """Import every video of `folder` not yet in the store; every rank of `job` calls this (one process:
+    job=None) and gets the counts of all ranks. Two files naming one negative (the same generator and real
+    id, e.g. clip.mp4 and clip.webm) are an input error: the first in sorted order is imported, the others
+    are skipped as `duplicate_negative`, at any number of ranks."""
+    job, folder, start = job or Job(), Path(folder), time.monotonic()
     if not folder.is_dir():
         raise ValueError(f"negatives folder {folder} does not exist")
     decoder = VideoDecoder(decode or decode_options_of(store.attrs))
     videos = sorted(p for p in folder.glob("*/*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
-    made, already, per_generator = 0, 0, Counter()
-    start = time.monotonic()
-    for path in progress(videos, total=len(videos), desc="import negatives", enabled=show_progress):
-        generator, real_id = path.parent.name, safe_id(path.stem)
-        gid = negative_id(real_id, generator, 0)
+    pending, first, already = [], {}, 0
+    for path in videos:
+        gid = negative_id(safe_id(path.stem), path.parent.name, 0)
+        if gid in first:
+            # every rank sees the same list, so each counts it; rank 0 (the report with a path) writes it down
+            report.add(BadInput(path, "duplicate_negative", f"{first[gid].name} in the same folder is the "
+                                f"{path.parent.name} negative of {safe_id(path.stem)!r} already"), "import_negatives")
+            continue
+        first[gid] = path
         if store.committed("generated", gid):
             already += 1
-            continue
-        encoded = report.attempt(path, "import_negatives", _encode_negative, path, real_id, store, decoder, vae)
-        if encoded is None:
-            continue
-        clip, latents_CFhw = encoded
-        store.write_generated(gid, latents_CFhw, {"real_id": real_id, "generator": generator, "k": 0,
-                                                  "source": str(path), "codec": clip.info.codec,
-                                                  "backend": clip.backend})
-        made += 1
-        per_generator[generator] += 1
-    store.finalize()
-    return {"imported": made, "already": already, "skipped": report.total, "per_generator": dict(per_generator),
-            "seconds": round(time.monotonic() - start, 2)}
+        else:
+            pending.append((path, gid))
+    bar = Bar(len(pending), "import negatives", enabled=show_progress and job.lead)
+    per_generator, mine = Counter(), shard(pending, job)
+    for i in range(rounds(len(pending), job)):
+        outcome = None   # this rank's file of the round: ("imported", generator) or ("skip", report.last)
+        if i < len(mine):
+            (path, gid), report.last = mine[i], None
+            encoded = report.attempt(path, "import_negatives", _encode_negative, path, store, decoder, vae)
+            if encoded is None:
+                outcome = ("skip", report.last)
+            else:
+                clip, latents_CFhw = encoded
+                store.write_generated(gid, latents_CFhw, {"real_id": safe_id(path.stem), "generator": path.parent.name,
+                                                          "k": 0, "source": str(path), "codec": clip.info.codec,
+                                                          "backend": clip.backend})
+                outcome = ("imported", path.parent.name)
+        job.end_round(store, outcome, per_generator, report, bar)
+    job.finish(store, bar)
+    return {"imported": sum(per_generator.values()), "already": already, "skipped": report.total,
+            "per_generator": dict(per_generator), "seconds": round(time.monotonic() - start, 2)}
 
 
-def _encode_negative(path: Path, real_id: str, store: GTPairStore, decoder: VideoDecoder, vae: WanVAE):
+def _encode_negative(path: Path, store: GTPairStore, decoder: VideoDecoder, vae: WanVAE):
     """Decoded like its real clip (same size, fps and frame count), then VAE-encoded."""
+    real_id = safe_id(path.stem)
     real = store.records["real"].get(real_id)
     if real is None:
         raise BadInput(path, "no_real_clip", f"no real clip {real_id!r} in {store.path}")
