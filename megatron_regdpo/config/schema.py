@@ -100,6 +100,8 @@ class DataConfig(_Section):
     # a latent-shape bucket with fewer pairs than one global batch: error (at start, naming them), drop (never
     # train them), repeat (fill every shape's last batch with its own pairs: every pair trains every epoch)
     small_buckets: Literal["error", "drop", "repeat"] = "error"
+    # read the next step's pairs from the store in a background thread while this step computes (same batches)
+    prefetch: bool = True
 
 
 @dataclass(frozen=True)

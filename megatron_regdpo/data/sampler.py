@@ -86,9 +86,26 @@ class PairSampler:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         return batches
 
+    def _batches_of(self, epoch: int) -> list[list[int]]:
+        """global_batches(epoch), kept for the epoch in use and the next (peek asks every step)."""
+        cache = self.__dict__.setdefault("_batches", {})
+        if epoch not in cache:
+            for old in [e for e in cache if e < epoch - 1]:
+                del cache[old]
+            cache[epoch] = self.global_batches(epoch)
+        return cache[epoch]
+
+    def peek(self) -> list[int]:
+        """This rank's next micro-batch, the one iterating yields next, without moving the position."""
+        epoch, step = self.epoch, self.step
+        if step >= len(self._batches_of(epoch)):   # this epoch is used up: its iterator moves on to the next
+            epoch, step = epoch + 1, 0
+        lo = self.dp_rank * self.micro_batch
+        return self._batches_of(epoch)[step][lo:lo + self.micro_batch]
+
     def __iter__(self) -> Iterator[list[int]]:
         """This rank's micro-batches from the current position to the end of the epoch, then the next epoch."""
-        batches = self.global_batches(self.epoch)
+        batches = self._batches_of(self.epoch)
         lo = self.dp_rank * self.micro_batch
         while self.step < len(batches):
             ids = batches[self.step][lo:lo + self.micro_batch]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from megatron_regdpo.config import Config, ConfigError, dump_yaml, load_config, validate
 
-MEDIANS = {"step_s": "time/step_s", "pairs_per_s": "throughput/pairs_per_s",
+MEDIANS = {"step_s": "time/step_s", "data_s": "time/data_s", "pairs_per_s": "throughput/pairs_per_s",
            "model_tflops": "throughput/model_tflops", "hardware_tflops": "throughput/hardware_tflops",
            "peak_gb": "memory/peak_gb"}
 LOG_TAIL_LINES = 15
@@ -138,12 +138,12 @@ def _fmt(value, digits: int = 3) -> str:
 
 def summarize(records: list[dict]) -> str:
     """A markdown table, one row per point."""
-    lines = ["| point | status | step s | pairs/s | model TFLOP/s | hw TFLOP/s | MFU | peak GiB | hash |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| point | status | step s | data s | pairs/s | model TFLOP/s | hw TFLOP/s | MFU | peak GiB | hash |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         status = r["status"].splitlines()[0][:60].replace("|", "/")
         lines.append(f"| {' '.join(r['overrides']) or '(base)'} | {status} | {_fmt(r['step_s'])} | "
-                     f"{_fmt(r['pairs_per_s'])} | {_fmt(r['model_tflops'])} | {_fmt(r['hardware_tflops'])} | "
+                     f"{_fmt(r.get('data_s'))} | {_fmt(r['pairs_per_s'])} | {_fmt(r['model_tflops'])} | {_fmt(r['hardware_tflops'])} | "
                      f"{_fmt(r['mfu'])} | {_fmt(r['peak_gb'])} | {r['config_hash'] or '-'} |")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from megatron_regdpo.checkpoint_io.megatron_ckpt import load_model
 from megatron_regdpo.config import ConfigError, validate, video_tokens
 from megatron_regdpo.config.mcore import DTYPES
 from megatron_regdpo.data.pairs import PairDataset
+from megatron_regdpo.data.prefetch import Prefetcher
 from megatron_regdpo.data.sampler import GlobalBatchChanged, PairSampler
 from megatron_regdpo.models.wan.arch import resolve_arch
 from megatron_regdpo.models.wan.build import build_wan
@@ -37,7 +38,7 @@ class TrainingRun:
     model_chunks: list              # [DDP(model)]
     optimizer: object
     reference: object
-    dataset: PairDataset
+    dataset: Prefetcher             # the PairDataset, reading the next step's pairs ahead (data.prefetch)
     sampler: object
     checkpointer: Checkpointer
     run_dir: Path
@@ -64,6 +65,10 @@ class TrainingRun:
                 self._ids = None
         raise RuntimeError("the sampler yields no batches")
 
+    def peek_pair_ids(self) -> list[int]:
+        """The pair ids next_pair_ids returns next; the sampler's position (what a checkpoint saves) stays."""
+        return [self.train_ids[i] for i in self.sampler.peek()]
+
     def reference_batch(self, mb: dict) -> ReferenceBatch:
         return ReferenceBatch(x_t=mb["x_t"], timestep=mb["timestep"], text=mb["text"], target=mb["target"],
                               image=mb["image"], pair_ids=tuple(mb["pair_ids"]), seed=self.cfg.run.seed,
@@ -83,6 +88,7 @@ class TrainingRun:
         return self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
 
     def save(self, step: int) -> Path:
+        self.dataset.settle()   # no read of the next step's pairs runs while the save forks its writers
         return self.checkpointer.save(step, self.model_chunks, self.optimizer,
                                       {"sampler": self.sampler.state_dict(), "skipped_total": self.skipped_total})
 
@@ -153,7 +159,7 @@ def build_run(cfg, pg) -> TrainingRun:
                                 reference_forward=cfg.objective.reference.mode != "cached",
                                 recompute=cfg.model.recompute)
     run = TrainingRun(
-        cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference, dataset=dataset,
+        cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference, dataset=Prefetcher(dataset),
         sampler=sampler, checkpointer=Checkpointer(
             Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.checkpoint.keep, pg=pg, seed=cfg.run.seed,
             meta={"family": FAMILY, "arch": dataclasses.asdict(arch), "dtype": str(dtype),

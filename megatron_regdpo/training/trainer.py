@@ -1,6 +1,7 @@
 """The Reg-DPO training loop. Everything per micro-batch lives in step.py; building lives in setup.py.
 
-One step: this rank's pair ids from the sampler -> micro-batches with keyed noise -> reference errors
+One step: this rank's pair ids from the sampler -> micro-batches with keyed noise (their pairs read ahead
+during the previous step, data.prefetch) -> reference errors
 (no graph) -> policy forward/backward through megatron-core's schedule -> finalize grads -> clip and
 AdamW (skipped when the loss or gradient norm is not finite) -> metrics -> maybe a checkpoint.
 SIGTERM/SIGINT are honoured at the next step boundary: save, then return 0.
@@ -97,6 +98,9 @@ def train(run, log) -> int:
             noise_step, draw = run.reference.noise_key(step, run.sampler.epoch)
             mbs = micro_batches(run.dataset, ids, per_micro, seed=cfg.run.seed, step=noise_step, draw=draw,
                                 fm=run.flow_matching, device=run.device, dtype=run.dtype)
+            data_s = time.perf_counter() - t0   # what the step waited for its pairs (read ahead: ~0)
+            if cfg.data.prefetch and step + 1 < cfg.schedule.train_steps:
+                run.dataset.prefetch(run.peek_pair_ids())   # read while this step computes
             reference_pass(run.reference, mbs, run.reference_batch)
 
             set_lr(run.optimizer, lr := lr_at(step, cfg.optim, cfg.schedule), cfg.optim.weight_decay)
@@ -123,6 +127,7 @@ def train(run, log) -> int:
             # per device: policy forward+backward ("model") and everything run, reference and recompute included
             for kind in ("model", "hardware"):
                 metrics[f"throughput/{kind}_tflops"] = run.step_flops[kind] / step_s / dist.get_world_size() / 1e12
+            metrics["time/data_s"] = data_s
             if cfg.eval.interval and step % cfg.eval.interval == 0:
                 metrics.update(evaluate(run))   # one record per step: eval/ joins the step's line
             if videos is not None and videos.due(step):
@@ -144,3 +149,4 @@ def train(run, log) -> int:
         return 0
     finally:
         stop.restore()
+        run.dataset.close()   # a read ahead that no step will use

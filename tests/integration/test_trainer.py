@@ -137,6 +137,20 @@ def test_recompute_modes_give_identical_steps(store, tmp_path):
     assert runs["none"] == runs["selective"] == runs["full"] == runs["full+offload"]
 
 
+def test_reading_ahead_gives_identical_steps(store, tmp_path):
+    """data.prefetch (the next step's pairs read during this step) on and off: the same steps, bitwise, across
+    epoch ends (one pair per step); time/data_s says how long each step waited for its pairs."""
+    from megatron_regdpo.train import main
+
+    runs = {}
+    for prefetch in ("true", "false"):
+        assert main(_args(store, tmp_path / prefetch, 5, f"data.prefetch={prefetch}")) == 0
+        runs[prefetch] = _metrics(tmp_path / prefetch)
+    assert [(m["loss/total"], m["optim/grad_norm"], m["dpo/s"]) for m in runs["true"]] == \
+        [(m["loss/total"], m["optim/grad_norm"], m["dpo/s"]) for m in runs["false"]]
+    assert all(0.0 <= m["time/data_s"] < m["time/step_s"] for m in runs["true"] + runs["false"])
+
+
 def test_eval_scores_held_out_pairs(store, tmp_path):
     from megatron_regdpo.train import main
 

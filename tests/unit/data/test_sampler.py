@@ -145,3 +145,25 @@ def test_another_global_batch_is_refused_and_old_states_load():
     assert issubclass(GlobalBatchChanged, ValueError)
     old = {k: v for k, v in state.items() if k != "global_batch"}   # written before the global batch was kept
     PairSampler(SHAPES, 4, 0, 1, seed=7).load_state_dict(old)
+
+
+@pytest.mark.parametrize("mode", ["drop", "repeat"])
+def test_peek_is_the_next_micro_batch_and_moves_nothing(mode):
+    """Across epoch ends and after a resume: peek() equals what iterating yields next; the state stays."""
+    sampler = PairSampler(SHAPES, 2, dp_rank=1, dp_size=2, seed=3, small_buckets=mode)
+    it, seen = iter(sampler), 0
+    while seen < 3 * sampler.steps_per_epoch() + 2:
+        state = sampler.state_dict()
+        peeked = sampler.peek()
+        assert sampler.state_dict() == state
+        try:
+            got = next(it)
+        except StopIteration:   # as TrainingRun.next_pair_ids: the next epoch's iterator
+            it = iter(sampler)
+            got = next(it)
+        assert got == peeked, (seen, state)
+        seen += 1
+        if seen == sampler.steps_per_epoch() + 1:   # resume mid-epoch in a fresh sampler
+            resumed = PairSampler(SHAPES, 2, dp_rank=1, dp_size=2, seed=3, small_buckets=mode)
+            resumed.load_state_dict(sampler.state_dict())
+            assert resumed.peek() == sampler.peek()
