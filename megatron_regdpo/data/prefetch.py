@@ -35,7 +35,9 @@ class Prefetcher:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):   # only for names this class lacks
+        if name == "dataset":          # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.dataset, name)
 
     def settle(self) -> None:

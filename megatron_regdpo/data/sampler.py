@@ -40,6 +40,7 @@ class PairSampler:
             raise ValueError(f"small_buckets={small_buckets!r} must be 'drop' or 'repeat'")
         self.seed, self.shuffle, self.pad = seed, shuffle, small_buckets == "repeat"
         self.epoch, self.step = 0, 0
+        self._batches: dict[int, list[list[int]]] = {}   # global_batches of the epoch in use and the next
         # "repeat" yields other batches: its state must not resume a "drop" run (the drop key is unchanged,
         # so checkpoints written before this option resume as before)
         key = repr(self.shapes) + (" repeat" if self.pad else "")
@@ -88,12 +89,11 @@ class PairSampler:
 
     def _batches_of(self, epoch: int) -> list[list[int]]:
         """global_batches(epoch), kept for the epoch in use and the next (peek asks every step)."""
-        cache = self.__dict__.setdefault("_batches", {})
-        if epoch not in cache:
-            for old in [e for e in cache if e < epoch - 1]:
-                del cache[old]
-            cache[epoch] = self.global_batches(epoch)
-        return cache[epoch]
+        if epoch not in self._batches:
+            for old in [e for e in self._batches if e < epoch - 1]:
+                del self._batches[old]
+            self._batches[epoch] = self.global_batches(epoch)
+        return self._batches[epoch]
 
     def peek(self) -> list[int]:
         """This rank's next micro-batch, the one iterating yields next, without moving the position."""

@@ -143,8 +143,9 @@ def summarize(records: list[dict]) -> str:
     for r in records:
         status = r["status"].splitlines()[0][:60].replace("|", "/")
         lines.append(f"| {' '.join(r['overrides']) or '(base)'} | {status} | {_fmt(r['step_s'])} | "
-                     f"{_fmt(r.get('data_s'))} | {_fmt(r['pairs_per_s'])} | {_fmt(r['model_tflops'])} | {_fmt(r['hardware_tflops'])} | "
-                     f"{_fmt(r['mfu'])} | {_fmt(r['peak_gb'])} | {r['config_hash'] or '-'} |")
+                     f"{_fmt(r.get('data_s'))} | {_fmt(r['pairs_per_s'])} | {_fmt(r['model_tflops'])} | "
+                     f"{_fmt(r['hardware_tflops'])} | {_fmt(r['mfu'])} | {_fmt(r['peak_gb'])} | "
+                     f"{r['config_hash'] or '-'} |")
     return "\n".join(lines)
 
 

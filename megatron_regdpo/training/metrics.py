@@ -7,7 +7,7 @@ Names (stable: tools/plot_run.py, dashboards and alerts depend on them; see STEP
                err_pol_w, err_pol_l, err_ref_w, err_ref_l  (the objective's bare err_* names, namespaced)
   optim/       lr, grad_norm, skipped_steps
   throughput/  pairs_per_s, samples_per_s              whole job; one pair = two samples (winner, loser)
-  time/        step_s, data_s (waiting for the pairs); eval_videos_s (at validation-video steps)
+  time/        step_s, data_s (building the step's micro-batches); eval_videos_s (at validation-video steps)
   eval/        implicit_acc, dpo, reward_margin          held-out pairs (trainer.evaluate), at eval.interval
                videos (a list of files), fm_err_policy, fm_err_reference (+ /sigma_S), clip_policy,
                clip_reference, clip_real                 validation videos (eval_hook.py); videos also go to

@@ -159,7 +159,8 @@ def build_run(cfg, pg) -> TrainingRun:
                                 reference_forward=cfg.objective.reference.mode != "cached",
                                 recompute=cfg.model.recompute)
     run = TrainingRun(
-        cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference, dataset=Prefetcher(dataset),
+        cfg=cfg, pg=pg, model=model, model_chunks=[ddp], optimizer=optimizer, reference=reference,
+        dataset=Prefetcher(dataset),
         sampler=sampler, checkpointer=Checkpointer(
             Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.checkpoint.keep, pg=pg, seed=cfg.run.seed,
             meta={"family": FAMILY, "arch": dataclasses.asdict(arch), "dtype": str(dtype),
