@@ -14,6 +14,7 @@ from pathlib import Path
 from .metrics import METRICS_FILE, VIDEOS_KEY
 
 log = logging.getLogger(__name__)
+WANDB_RUN_ID_FILE = "wandb_run_id"  # in RUN_DIR: the W&B run a resumed run continues
 
 _OPTIONAL = {  # config key -> (module to import, package to install)
     "tensorboard": ("torch.utils.tensorboard", "tensorboard"),
@@ -82,9 +83,10 @@ class MetricsLogger:
     RUN_DIR/metrics.jsonl (logging.jsonl): one JSON object per line, appended and flushed per step so that a
     killed run keeps every finished line (a resumed run appends; readers keep the last record of a step).
     RUN_DIR/tensorboard/ (logging.tensorboard; a resumed run purges the events of the steps after its checkpoint
-    there, as in the JSONL) and a W&B run (logging.wandb; project from $WANDB_PROJECT,
-    default "megatron_regdpo"; W&B's own $WANDB_RUN_ID and $WANDB_RESUME continue one run across restarts) are
-    optional; a missing package fails on EVERY rank, before any step, so no rank waits on one that died.
+    there, as in the JSONL) and a W&B run (logging.wandb; project from $WANDB_PROJECT, default
+    "megatron_regdpo"; a run resumed from a checkpoint continues the W&B run of its folder, whose id is in
+    RUN_DIR/wandb_run_id, unless W&B's own $WANDB_RUN_ID names another) are optional; a missing package fails
+    on EVERY rank, before any step, so no rank waits on one that died.
     Console: format_summary every logging.interval steps; a tqdm bar when `progress` (default: stderr is a
     TTY). Use as a context manager, or call close().
     """
@@ -114,7 +116,9 @@ class MetricsLogger:
             self._wandb_module = modules["wandb"]
             self._wandb = modules["wandb"].init(project=os.environ.get("WANDB_PROJECT", "megatron_regdpo"),
                                                 name=run_name or self.run_dir.name, dir=str(self.run_dir),
-                                                config=dict(config) if config is not None else None)
+                                                config=dict(config) if config is not None else None,
+                                                **self._wandb_resume(start_step))
+            (self.run_dir / WANDB_RUN_ID_FILE).write_text(self._wandb.id + "\n")
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
@@ -122,6 +126,14 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                              file=sys.stderr)
+
+    def _wandb_resume(self, start_step: int) -> dict:
+        """A run resumed from a checkpoint continues the W&B run its folder started (RUN_DIR/wandb_run_id), unless
+        $WANDB_RUN_ID names one; a run starting at step 0 starts a new W&B run."""
+        path = self.run_dir / WANDB_RUN_ID_FILE
+        if start_step == 0 or os.environ.get("WANDB_RUN_ID") or not path.is_file():
+            return {}
+        return {"id": path.read_text().strip(), "resume": "allow"}
 
     def log(self, metrics: Mapping[str, float]) -> None:
         if "step" not in metrics:

@@ -71,6 +71,7 @@ def test_tensorboard_and_wandb_get_every_scalar_and_the_videos(tmp_path, offline
     assert image.step == 3 and (image.height, image.width) == (16, 16)
     np.testing.assert_array_equal(got[..., :3], middle_frame(run_dir / video))
 
+    wandb.teardown()   # W&B's service writes the run log out: read it after it ended
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
@@ -103,3 +104,31 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_it_repeats(tmp_path):
     want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
     assert [(e.step, e.value) for e in events.Scalars("loss/total")] == want
     assert [(r["step"], r["loss/total"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").open())] == want
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, offline_wandb, monkeypatch):
+    """Restarted from a checkpoint (start_step > 0) the run continues the W&B run its folder started
+    (RUN_DIR/wandb_run_id); from step 0 it starts a new one; $WANDB_RUN_ID, when set, names the run."""
+    cfg = LoggingConfig(jsonl=False, wandb=True)
+
+    def run(start: int, steps: range) -> str:
+        with MetricsLogger(tmp_path, cfg, rank=0, world=1, progress=False, start_step=start,
+                           stream=io.StringIO()) as logger:
+            for step in steps:
+                logger.log({"step": step, "loss/total": float(step)})
+        return (tmp_path / "wandb_run_id").read_text().strip()
+
+    first = run(0, range(1, 4))
+    assert run(3, range(4, 6)) == first                      # resumed: the same W&B run
+    fresh = run(0, range(1, 3))
+    assert fresh != first                                    # started over: a new one
+    wandb.teardown()                                         # W&B reads its environment once per process
+    monkeypatch.setenv("WANDB_RUN_ID", "chosen-by-user")
+    assert run(2, range(3, 4)) == "chosen-by-user"
+    wandb.teardown()   # W&B's service writes the run logs out: read them after it ended
+    by_id: dict[str, list] = {}
+    for run_file in sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")):
+        records = wandb_records(run_file)
+        (r,) = [x.run for x in records if x.WhichOneof("record_type") == "run"]
+        by_id.setdefault(r.run_id, []).extend(sorted(history(records)))
+    assert sorted(by_id[first]) == [1, 2, 3, 4, 5] and by_id[fresh] == [1, 2] and by_id["chosen-by-user"] == [3]
