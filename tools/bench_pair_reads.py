@@ -4,7 +4,7 @@
     python tools/bench_pair_reads.py [--workdir DIR] [--repeats 5] [--compute-factor 2]
         [--out runs/bench_pair_reads.jsonl] [--quick]
 
-Writes a store of 3 x repeats synthetic Wan2.1 I2V pairs at 720x1280, 81 frames under --workdir (default: a
+Writes a store of 2 x repeats synthetic Wan2.1 I2V pairs at 720x1280, 81 frames under --workdir (default: a
 temporary folder, deleted), reads them through the trainer's PairDataset and Prefetcher with two stand-ins
 for the step (cpu: matmuls on this machine's cores; wait: the trainer's thread blocked, as while a GPU
 computes), appends one JSON line per stand-in to --out and prints a summary of each. The pairs are read
@@ -41,7 +41,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(args.workdir or tmp) / "pairs.zarr"
         kw = {"shapes": QUICK} if args.quick else {}
-        dataset = pair_reads.make_store(store, 3 * repeats, **kw)
+        try:
+            dataset = pair_reads.make_store(store, 2 * repeats, **kw)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         records = [{"bench": "pair_reads", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": args.quick,
                     **pair_reads.measure(dataset, repeats, args.compute_factor, step)} for step in ("cpu", "wait")]
     out = Path(args.out)

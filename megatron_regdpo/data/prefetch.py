@@ -2,9 +2,10 @@
 
 The trainer asks for the next step's pair ids (`PairSampler.peek`: the sampler's position does not move, so a
 checkpoint records the same state as without prefetching) once this step's micro-batches are built; the
-thread reads them from the store (zarr chunks: file reads and decompression, which release the GIL) while
-the step runs its reference pass, forward/backward and update. `dataset[i]` then returns the item already
-read, or reads it now. The items are the ones the dataset returns: the same bits either way.
+thread reads them through the dataset while the step runs its reference pass, forward/backward and update
+(zarr does the file reads and decompression on its own I/O threads, without the GIL; this thread waits for
+them and assembles the tensors). `dataset[i]` then returns the item already read, or reads it now. The items
+are the ones the dataset returns: the same bits either way.
 """
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ class Prefetcher:
         self._pending: dict[int, Future] = {}
 
     def prefetch(self, ids: Sequence[int]) -> None:
-        """Start reading `ids` (in order, one thread); ids already pending are not read twice."""
+        """Start reading `ids` (in order, one thread); ids already pending are not read twice, and pending ids
+        not asked for again are dropped (their reads cancelled, or their results discarded)."""
         if self._pool is None:
             raise RuntimeError("Prefetcher.prefetch after close()")
+        ids = list(ids)
+        for stale in [i for i in self._pending if i not in ids]:
+            self._pending.pop(stale).cancel()
         for i in ids:
             if i not in self._pending:
                 self._pending[i] = self._pool.submit(self.dataset.__getitem__, i)

@@ -46,6 +46,14 @@ class Job:
         dist.all_gather_object(out, obj, group=self.control)
         return out
 
+    def share(self, obj):
+        """Rank 0's `obj` on every rank (what rank 0 alone decided: one work list for all)."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.lead else None]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier(group=self.control)

@@ -82,8 +82,8 @@ class MetricsLogger:
 
     RUN_DIR/metrics.jsonl (logging.jsonl): one JSON object per line, appended and flushed per step so that a
     killed run keeps every finished line (a resumed run appends; readers keep the last record of a step).
-    RUN_DIR/tensorboard/ (logging.tensorboard; a resumed run purges the events of the steps after its checkpoint
-    there, as in the JSONL) and a W&B run (logging.wandb; project from $WANDB_PROJECT, default
+    RUN_DIR/tensorboard/ (logging.tensorboard; a rerun purges the events of the steps after its checkpoint, or
+    all of them from step 0, as in the JSONL) and a W&B run (logging.wandb; project from $WANDB_PROJECT, default
     "megatron_regdpo"; a run resumed from a checkpoint continues the W&B run of its folder, whose id is in
     RUN_DIR/wandb_run_id, unless W&B's own $WANDB_RUN_ID names another) are optional; a missing package fails
     on EVERY rank, before any step, so no rank waits on one that died.
@@ -109,9 +109,10 @@ class MetricsLogger:
             _drop_partial_last_line(self.path)
             _drop_rows_after(self.path, start_step)
             self._file = open(self.path, "a", encoding="utf-8")
-        if "tensorboard" in modules:   # a resumed run: TensorBoard drops the old events of the steps it repeats
+        if "tensorboard" in modules:   # a rerun (resumed or from step 0): TensorBoard drops the old events of
+            # the steps it computes again, as the JSONL drops their rows
             self._tb = modules["tensorboard"].SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
-                                                            purge_step=start_step + 1 if start_step else None)
+                                                            purge_step=start_step + 1)
         if "wandb" in modules:
             self._wandb_module = modules["wandb"]
             self._wandb = modules["wandb"].init(project=os.environ.get("WANDB_PROJECT", "megatron_regdpo"),

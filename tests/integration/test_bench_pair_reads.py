@@ -24,10 +24,12 @@ def test_quick_run_writes_a_row_per_stand_in(tmp_path, capsys):
     from megatron_regdpo.data.pairs import PairDataset
     from megatron_regdpo.experiments.pair_reads import make_store
 
-    dataset = PairDataset(tmp_path / "pairs.zarr")   # the store the run wrote: 3 x 2 I2V pairs
-    assert len(dataset) == 6 and dataset.i2v
+    dataset = PairDataset(tmp_path / "pairs.zarr")   # the store the run wrote: 2 x 2 I2V pairs
+    assert len(dataset) == 4 and dataset.i2v
     item = dataset[0]
     assert item["winner_CFhw"].shape == item["loser_CFhw"].shape == (4, 3, 8, 8) and item["cond_CFhw"].shape[0] == 8
-    again = make_store(tmp_path / "again.zarr", 6, {"latents": (4, 3, 8, 8), "cond": (8, 3, 8, 8), "image": (4, 8),
+    again = make_store(tmp_path / "again.zarr", 4, {"latents": (4, 3, 8, 8), "cond": (8, 3, 8, 8), "image": (4, 8),
                                                      "text": (8, 16)})
-    assert torch.equal(again[5]["loser_CFhw"], dataset[5]["loser_CFhw"])   # seeded: the same pairs each time
+    assert torch.equal(again[3]["loser_CFhw"], dataset[3]["loser_CFhw"])   # seeded: the same pairs each time
+    assert tool("bench_pair_reads").main(["--quick", "--workdir", str(tmp_path), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err   # a store left there is not written over

@@ -145,11 +145,12 @@ def test_negatives_on_two_ranks_at_dp_tp_and_cp_resumable_and_equal_to_one_rank(
 
 
 def _negatives_folder(root: Path) -> Path:
-    """Other generators' videos for the store's clips, with one broken file, one for no real clip and one
-    naming a negative twice (another container of the same clip)."""
+    """Three other generators' videos for the store's clips (20 good ones: enough rounds to kill the job in
+    between), with one broken file, one for no real clip and one naming a negative twice (another container)."""
     negs = root / "negatives"
-    for i in range(N_CLIPS):
-        write_video(negs / ("otherA" if i % 3 else "otherB") / f"clip{i}.webm", "vp9", 80 + 16 * (i % 3), 48, 30, 24)
+    for g, generator in enumerate(("otherA", "otherB", "otherC")):
+        for i in range(N_CLIPS):
+            write_video(negs / generator / f"clip{i}.webm", "vp9", 80 + 16 * ((i + g) % 3), 48, 30, 24)
     write_video(negs / "otherA" / "clip1.mkv", "vp9", 80, 48, 30, 24)       # a second otherA clip1
     write_video(negs / "otherB" / "nosuchclip.webm", "vp9", 80, 48, 30, 24)
     (negs / "otherB" / "clip4.webm").write_bytes(b"not a video")           # a broken one for a real clip
@@ -162,23 +163,30 @@ def test_import_on_two_ranks_is_exactly_once_resumable_and_equal_to_one_rank(inp
     for store in stores.values():
         shutil.copytree(one_rank_store, store)
     args = lambda store: ["import", "--store", str(store), "--from", str(negs), "--no-progress"]  # noqa: E731
-    want = "imported 7 negatives {'otherA': 4, 'otherB': 3}"   # 10 files: 1 broken, 1 unknown clip, 1 twice
+    skipped = "skipped 3: corrupt 1, duplicate_negative 1, no_real_clip 1"
     out = _run("make_gt_pairs", args(stores["one"]))
-    assert want in out and "skipped 3: corrupt 1, duplicate_negative 1, no_real_clip 1" in out, out
+    assert "imported 20 negatives {'otherA': 7, 'otherB': 6, 'otherC': 7}" in out and skipped in out, out
     made = _kill_after(_cmd("make_gt_pairs", args(stores["two"]), 2), stores["two"], "generated", 2)  # killed ...
-    assert 2 <= made < 7
+    assert 2 <= made < 20
     out = _run("make_gt_pairs", args(stores["two"]), ranks=2)                                        # ... resumed
-    assert f"imported {7 - made} negatives" in out and f"{made} already there" in out and "on 2 ranks" in out
-    assert "skipped 3: corrupt 1, duplicate_negative 1, no_real_clip 1" in out and out.count("imported") == 1
+    assert f"imported {20 - made} negatives" in out and f"{made} already there" in out and "on 2 ranks" in out
+    assert skipped in out and out.count("imported") == 1
     reasons = sorted(json.loads(line)["reason"] for line in (stores["two"] / "skipped_negatives.jsonl").open())
     assert reasons == ["corrupt", "duplicate_negative", "no_real_clip"]   # every rank's skips, written once
     one, two = GTPairStore(stores["one"]), GTPairStore(stores["two"])
     a, b = _arrays(one, "generated"), _arrays(two, "generated")
-    assert len(a) == 7 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(a) == 20 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert check_store(stores["two"]).ok
     records = [json.loads(line) for line in (stores["two"] / "commits.jsonl").read_text().splitlines()]
-    assert sum(r["kind"] == "generated" for r in records) == 7   # each negative committed once
+    assert sum(r["kind"] == "generated" for r in records) == 20   # each negative committed once
     assert one.records["generated"] == two.records["generated"]
+    # a file added for a negative already imported is the duplicate, whatever their names' order
+    write_video(negs / "otherC" / "clip0.avi", "vp9", 80, 48, 30, 24)
+    out = _run("make_gt_pairs", args(stores["one"]))
+    assert "imported 0 negatives" in out and "20 already there" in out and "duplicate_negative 2" in out, out
+    report = [json.loads(line) for line in (stores["one"] / "skipped_negatives.jsonl").open()]
+    (late,) = [r for r in report if r["file"].endswith("clip0.avi")]
+    assert late["reason"] == "duplicate_negative" and "clip0.webm" in late["detail"] and "already" in late["detail"]
 
 
 def test_a_bad_layout_is_one_error_line(inputs, one_rank_store):

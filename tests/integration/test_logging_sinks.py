@@ -88,9 +88,9 @@ def test_tensorboard_and_wandb_get_every_scalar_and_the_videos(tmp_path, offline
     assert logged.read_bytes() == (run_dir / video).read_bytes()
 
 
-def test_a_resumed_run_replaces_the_tensorboard_steps_it_repeats(tmp_path):
+def test_a_rerun_replaces_the_tensorboard_steps_it_repeats(tmp_path):
     """Killed after logging steps 1-5 with its checkpoint at step 3, the run resumes at 3 and logs 4-6 again:
-    TensorBoard keeps one value per step, the resumed run's (as metrics.jsonl does)."""
+    TensorBoard keeps one value per step, the resumed run's (as metrics.jsonl does); so for a rerun from 0."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = LoggingConfig(jsonl=True, tensorboard=True)
@@ -102,6 +102,14 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_it_repeats(tmp_path):
             logger.log({"step": step, "loss/total": 10.0 * step})
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+    assert [(e.step, e.value) for e in events.Scalars("loss/total")] == want
+    assert [(r["step"], r["loss/total"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").open())] == want
+    # killed before its first checkpoint, the run starts over from step 0: every old step goes
+    with MetricsLogger(tmp_path, cfg, rank=0, world=1, progress=False, stream=io.StringIO()) as logger:
+        for step in range(1, 3):
+            logger.log({"step": step, "loss/total": 100.0 * step})
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    want = [(1, 100.0), (2, 200.0)]
     assert [(e.step, e.value) for e in events.Scalars("loss/total")] == want
     assert [(r["step"], r["loss/total"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").open())] == want
 

@@ -137,18 +137,30 @@ def test_recompute_modes_give_identical_steps(store, tmp_path):
     assert runs["none"] == runs["selective"] == runs["full"] == runs["full+offload"]
 
 
-def test_reading_ahead_gives_identical_steps(store, tmp_path):
+def test_reading_ahead_gives_identical_steps(store, tmp_path, monkeypatch):
     """data.prefetch (the next step's pairs read during this step) on and off: the same steps, bitwise, across
-    epoch ends (one pair per step); time/data_s says how long each step waited for its pairs."""
+    epoch ends (one pair per step), and the same sampler state in the checkpoint; with it on, every step after
+    the first takes pairs that were read ahead."""
+    from megatron_regdpo.data import prefetch
     from megatron_regdpo.train import main
+    from megatron_regdpo.training.checkpoint import Checkpointer
 
-    runs = {}
-    for prefetch in ("true", "false"):
-        assert main(_args(store, tmp_path / prefetch, 5, f"data.prefetch={prefetch}")) == 0
-        runs[prefetch] = _metrics(tmp_path / prefetch)
+    read_ahead: list[bool] = []
+    real = prefetch.Prefetcher.__getitem__
+    monkeypatch.setattr(prefetch.Prefetcher, "__getitem__",
+                        lambda self, i: read_ahead.append(i in self._pending) or real(self, i))
+    runs, ahead, samplers = {}, {}, {}
+    for on in ("true", "false"):
+        read_ahead.clear()
+        assert main(_args(store, tmp_path / on, 5, f"data.prefetch={on}")) == 0
+        runs[on], ahead[on] = _metrics(tmp_path / on), list(read_ahead)
+        latest = Checkpointer(tmp_path / on / "tiny-cpu" / "checkpoints").latest()   # the end-of-run save
+        samplers[on] = torch.load(latest / "common.pt", weights_only=False)["trainer"]["sampler"]
     assert [(m["loss/total"], m["optim/grad_norm"], m["dpo/s"]) for m in runs["true"]] == \
         [(m["loss/total"], m["optim/grad_norm"], m["dpo/s"]) for m in runs["false"]]
-    assert all(0.0 <= m["time/data_s"] < m["time/step_s"] for m in runs["true"] + runs["false"])
+    assert ahead["true"] == [False] + [True] * 4 and ahead["false"] == [False] * 5
+    assert samplers["true"] == samplers["false"] and samplers["true"]["step"] + samplers["true"]["epoch"] > 0
+    assert all(m["time/data_s"] >= 0.0 for m in runs["true"] + runs["false"])
 
 
 def test_eval_scores_held_out_pairs(store, tmp_path):

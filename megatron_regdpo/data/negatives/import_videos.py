@@ -31,27 +31,21 @@ def decode_options_of(attrs: dict, device: str = "cpu") -> DecodeOptions:
 def import_negatives(store: GTPairStore, folder: str | Path, vae: WanVAE, report: RoundReport,
                      decode: DecodeOptions | None = None, show_progress: bool = True, job: Job | None = None) -> dict:
     """Import every video of `folder` not yet in the store; every rank of `job` calls this (one process:
-    job=None) and gets the counts of all ranks. Two files naming one negative (the same generator and real
-    id, e.g. clip.mp4 and clip.webm) are an input error: the first in sorted order is imported, the others
-    are skipped as `duplicate_negative`, at any number of ranks."""
+    job=None) and gets the counts of all ranks. Rank 0 lists the folder once for all ranks (a folder still
+    being filled cannot give two ranks two lists). Two files naming one negative (the same generator and
+    real id, e.g. clip.mp4 and clip.webm) are an input error: the one already imported, else the first in
+    sorted order, is the negative; the others are skipped as `duplicate_negative`."""
     job, folder, start = job or Job(), Path(folder), time.monotonic()
-    if not folder.is_dir():
-        raise ValueError(f"negatives folder {folder} does not exist")
+    listing = None
+    if job.lead:
+        listing = _listing(folder, store) if folder.is_dir() else f"negatives folder {folder} does not exist"
+    listing = job.share(listing)
+    if isinstance(listing, str):
+        raise ValueError(listing)
+    pending, duplicates, already = listing
+    for path, detail in duplicates:   # every rank counts them; rank 0 (the report with a path) writes them down
+        report.add(BadInput(path, "duplicate_negative", detail), "import_negatives")
     decoder = VideoDecoder(decode or decode_options_of(store.attrs))
-    videos = sorted(p for p in folder.glob("*/*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS)
-    pending, first, already = [], {}, 0
-    for path in videos:
-        gid = negative_id(safe_id(path.stem), path.parent.name, 0)
-        if gid in first:
-            # every rank sees the same list, so each counts it; rank 0 (the report with a path) writes it down
-            report.add(BadInput(path, "duplicate_negative", f"{first[gid].name} in the same folder is the "
-                                f"{path.parent.name} negative of {safe_id(path.stem)!r} already"), "import_negatives")
-            continue
-        first[gid] = path
-        if store.committed("generated", gid):
-            already += 1
-        else:
-            pending.append((path, gid))
     bar = Bar(len(pending), "import negatives", enabled=show_progress and job.lead)
     per_generator, mine = Counter(), shard(pending, job)
     for i in range(rounds(len(pending), job)):
@@ -63,14 +57,35 @@ def import_negatives(store: GTPairStore, folder: str | Path, vae: WanVAE, report
                 outcome = ("skip", report.last)
             else:
                 clip, latents_CFhw = encoded
-                store.write_generated(gid, latents_CFhw, {"real_id": safe_id(path.stem), "generator": path.parent.name,
-                                                          "k": 0, "source": str(path), "codec": clip.info.codec,
-                                                          "backend": clip.backend})
+                store.write_generated(gid, latents_CFhw, {
+                    "real_id": safe_id(path.stem), "generator": path.parent.name, "k": 0, "source": str(path),
+                    "codec": clip.info.codec, "backend": clip.backend})
                 outcome = ("imported", path.parent.name)
         job.end_round(store, outcome, per_generator, report, bar)
     job.finish(store, bar)
     return {"imported": sum(per_generator.values()), "already": already, "skipped": report.total,
             "per_generator": dict(per_generator), "seconds": round(time.monotonic() - start, 2)}
+
+
+def _listing(folder: Path, store: GTPairStore) -> tuple[list, list, int]:
+    """(pending [(path, negative id)], duplicates [(path, detail)], how many negatives are in already)."""
+    by_id: dict[str, list[Path]] = {}
+    for path in sorted(p for p in folder.glob("*/*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS):
+        by_id.setdefault(negative_id(safe_id(path.stem), path.parent.name, 0), []).append(path)
+    pending, duplicates, already = [], [], 0
+    for gid, paths in by_id.items():
+        record = store.records["generated"].get(gid)
+        kept = paths[0]
+        if record is not None:
+            already += 1
+            source = Path(record.get("source") or "").name   # by name: --from may be spelled otherwise now
+            kept = next((p for p in paths if p.name == source), kept)
+        else:
+            pending.append((kept, gid))
+        duplicates += [(p, f"{kept.name} in the same folder is the {p.parent.name} negative of "
+                           f"{safe_id(p.stem)!r}" + (" (imported already)" if record is not None else ""))
+                       for p in paths if p != kept]
+    return pending, sorted(duplicates), already
 
 
 def _encode_negative(path: Path, store: GTPairStore, decoder: VideoDecoder, vae: WanVAE):

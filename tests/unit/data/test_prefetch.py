@@ -61,6 +61,10 @@ def test_prefetched_items_are_the_datasets_and_read_once(dataset):
         pre.prefetch([3])
         pre.settle()                                       # the read is done, its item kept for use
         assert counted.reads[-1] == 3 and _equal(pre[3], dataset[3])
+        pre.prefetch([5])
+        pre.prefetch([2])                                  # 5 not asked for again: dropped, never piles up
+        pre.settle()
+        assert list(pre._pending) == [2] and _equal(pre[2], dataset[2])
     finally:
         pre.close()
 
