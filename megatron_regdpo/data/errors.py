@@ -42,6 +42,9 @@ class BadInput(Exception):
         self.path, self.reason, self.detail = str(path), reason, detail
         super().__init__(f"{path}: {reason}: {detail}")
 
+    def __reduce__(self):   # pickled as its three fields (rank 0's scan is shared with the other ranks)
+        return BadInput, (self.path, self.reason, self.detail)
+
 
 class SkipReport:
     """Appends one JSON line per skipped input to `path` (when given) and counts reasons."""

@@ -87,7 +87,7 @@ def store_attrs(opts: PreprocessOptions, encoders: Encoders) -> dict:
 def preprocess(opts: PreprocessOptions, job: Job | None = None) -> PreprocessSummary:
     """Fill the store; every rank of `job` calls this (one process: job=None). Rank 0's summary counts all."""
     job, start = job or Job(), time.monotonic()
-    videos, problems = scan_inputs(opts.input_dir)
+    videos, problems = job.by_lead(lambda: scan_inputs(opts.input_dir))   # one listing for every rank
     encoders = load_encoders(opts.models, opts.task, opts.text_len, opts.device)
     store = open_store(job, opts.store, lambda: GTPairStore.open_or_create(opts.store, store_attrs(opts, encoders)))
     report_path = Path(opts.report) if opts.report else Path(opts.store) / REPORT_FILE

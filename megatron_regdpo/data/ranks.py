@@ -47,12 +47,26 @@ class Job:
         return out
 
     def share(self, obj):
-        """Rank 0's `obj` on every rank (what rank 0 alone decided: one work list for all)."""
+        """Rank 0's `obj` on every rank."""
         if self.world == 1:
             return obj
         box = [obj if self.lead else None]
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
+
+    def by_lead(self, fn):
+        """fn() run by rank 0 alone, its result on every rank (one work list for all: a folder still being
+        filled cannot give two ranks two lists); a ValueError it raises is raised on every rank."""
+        result = None
+        if self.lead:
+            try:
+                result = ("ok", fn())
+            except ValueError as e:
+                result = ("error", str(e))
+        kind, value = self.share(result)
+        if kind == "error":
+            raise ValueError(value)
+        return value
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -36,13 +36,7 @@ def import_negatives(store: GTPairStore, folder: str | Path, vae: WanVAE, report
     real id, e.g. clip.mp4 and clip.webm) are an input error: the one already imported, else the first in
     sorted order, is the negative; the others are skipped as `duplicate_negative`."""
     job, folder, start = job or Job(), Path(folder), time.monotonic()
-    listing = None
-    if job.lead:
-        listing = _listing(folder, store) if folder.is_dir() else f"negatives folder {folder} does not exist"
-    listing = job.share(listing)
-    if isinstance(listing, str):
-        raise ValueError(listing)
-    pending, duplicates, already = listing
+    pending, duplicates, already = job.by_lead(lambda: _listing(folder, store))
     for path, detail in duplicates:   # every rank counts them; rank 0 (the report with a path) writes them down
         report.add(BadInput(path, "duplicate_negative", detail), "import_negatives")
     decoder = VideoDecoder(decode or decode_options_of(store.attrs))
@@ -69,6 +63,8 @@ def import_negatives(store: GTPairStore, folder: str | Path, vae: WanVAE, report
 
 def _listing(folder: Path, store: GTPairStore) -> tuple[list, list, int]:
     """(pending [(path, negative id)], duplicates [(path, detail)], how many negatives are in already)."""
+    if not folder.is_dir():
+        raise ValueError(f"negatives folder {folder} does not exist")
     by_id: dict[str, list[Path]] = {}
     for path in sorted(p for p in folder.glob("*/*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS):
         by_id.setdefault(negative_id(safe_id(path.stem), path.parent.name, 0), []).append(path)
