@@ -100,8 +100,9 @@ class DataConfig(_Section):
     # a latent-shape bucket with fewer pairs than one global batch: error (at start, naming them), drop (never
     # train them), repeat (fill every shape's last batch with its own pairs: every pair trains every epoch)
     small_buckets: Literal["error", "drop", "repeat"] = "error"
-    # read the next step's pairs from the store in a background thread while this step computes (same batches)
-    prefetch: bool = True
+    # read the next step's pairs from the store in a background thread while this step computes (same batches);
+    # null: on when training on a GPU (on a CPU the reader competes with the step for cores and the GIL)
+    prefetch: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class TrainingRun:
     eval_ids: list = dataclasses.field(default_factory=list)    # held-out pair ids
     start_step: int = 0
     skipped_total: int = 0
+    prefetch: bool = False                                        # data.prefetch resolved for this device
     _ids: object = None
 
     def next_pair_ids(self) -> list[int]:
@@ -169,7 +170,8 @@ def build_run(cfg, pg) -> TrainingRun:
         run_dir=run_dir, device=device, dtype=dtype, tokens=tokens, dp_size=dp_size,
         settings=RegDPOSettings(cfg.objective.beta, cfg.objective.beta_convention, cfg.objective.dpo_weight,
                                 cfg.objective.sft_mode, cfg.objective.sft_weight),
-        flow_matching=fm, train_ids=train_ids, eval_ids=eval_ids, step_flops=step_flops)
+        flow_matching=fm, train_ids=train_ids, eval_ids=eval_ids, step_flops=step_flops,
+        prefetch=cfg.data.prefetch if cfg.data.prefetch is not None else device.type == "cuda")
     latest = run.checkpointer.latest()
     if latest is not None:
         state = run.checkpointer.load(latest, run.model_chunks, optimizer)

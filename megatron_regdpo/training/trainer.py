@@ -99,7 +99,7 @@ def train(run, log) -> int:
             mbs = micro_batches(run.dataset, ids, per_micro, seed=cfg.run.seed, step=noise_step, draw=draw,
                                 fm=run.flow_matching, device=run.device, dtype=run.dtype)
             data_s = time.perf_counter() - t0   # its micro-batches: pairs (read ahead), noise, to the device
-            if cfg.data.prefetch and step + 1 < cfg.schedule.train_steps:
+            if run.prefetch and step + 1 < cfg.schedule.train_steps:
                 run.dataset.prefetch(run.peek_pair_ids())   # read while this step computes
             reference_pass(run.reference, mbs, run.reference_batch)
 
