@@ -1,4 +1,4 @@
-"""A progress bar with rate and ETA for the long steps (preprocess, negative generation).
+"""A progress bar with rate and ETA for the long steps (preprocess, negative generation and import).
 
 tqdm comes with transformers/diffusers (both depend on it); the small fallback keeps the tools working
 where it is missing. Output goes to stderr so that stdout stays parseable.
@@ -7,23 +7,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
-
-T = TypeVar("T")
-
-
-def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "clip",
-             enabled: bool = True) -> Iterator[T]:
-    if not enabled:
-        yield from items
-        return
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with transformers
-        yield from _simple_bar(items, total, desc, unit)
-        return
-    yield from tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 class Bar:
@@ -64,19 +47,6 @@ def _draw(desc: str, done: int, total: int | None, unit: str, start: float, now:
     eta = f", ETA {((total - done) / rate):.0f} s" if total and rate > 0 else ""
     of = f"/{total}" if total else ""
     print(f"\r{desc}: {done}{of} {unit}s, {rate:.2f} {unit}/s{eta}", end="", file=sys.stderr)
-
-
-def _simple_bar(items: Iterable[T], total: int | None, desc: str, unit: str) -> Iterator[T]:
-    start, last = time.monotonic(), 0.0
-    done = 0
-    for item in items:
-        yield item
-        done += 1
-        now = time.monotonic()
-        if now - last >= 0.5 or done == total:
-            last = now
-            _draw(desc, done, total, unit, start, now)
-    print(file=sys.stderr)
 
 
 def quiet_library_logs() -> None:
